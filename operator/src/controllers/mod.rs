@@ -1,0 +1,170 @@
+//! Controllers, one module per kind. Each reconcile is a short driver:
+//! dereference → validate (pure) → build children (pure) → apply changed
+//! children → delete orphans → status from what was applied. This module holds
+//! what they share: the context, the error type with its metric category, the
+//! per-object backoff, events, and the guarded watch streams.
+pub mod apply;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kube::core::DeserializeGuard;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::runtime::metrics::Metrics;
+
+/// Settings shared by every controller (from the `run` flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace the operator runs in (NetworkPolicies admit its traffic).
+    pub operator_namespace: String,
+    /// Reconciles of one kind running at once.
+    pub concurrency: u16,
+    /// Requeue interval of a converged object (periodic resync).
+    pub resync: Duration,
+}
+
+/// State shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics, settings: Settings, instance: String) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: "mlplane".into(),
+            instance: Some(instance),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+        })
+    }
+
+    /// Records a Kubernetes Event on `obj` (failures to record are logged, not fatal).
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "recording event failed");
+        }
+    }
+
+    /// Clears the failure count of an object after a successful reconcile.
+    pub fn reset_failures(&self, uid: &str) {
+        self.failures.lock().expect("failures lock").remove(uid);
+    }
+
+    /// Exponential backoff per object: 1s, 2s, 4s, ... capped at 5 minutes.
+    pub fn backoff(&self, uid: &str) -> Duration {
+        let mut f = self.failures.lock().expect("failures lock");
+        let n = f.entry(uid.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+}
+
+/// Errors of a reconcile. `category()` is the low-cardinality label used in
+/// metrics and event reasons.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialization error: {0}")]
+    Serialization(#[from] serde_json::Error),
+    #[error("the stored object could not be read: {0}")]
+    InvalidObject(String),
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => "invalid",
+            Error::Kube(_) => "kube_api",
+            Error::Serialization(_) => "serialization",
+            Error::InvalidObject(_) => "invalid_object",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A reflector-backed watch of `K` that survives objects failing to
+/// deserialize (they arrive as `DeserializeGuard` errors for the reconciler to
+/// report) and strips managedFields before caching.
+pub fn guarded_watch<K>(
+    api: Api<DeserializeGuard<K>>,
+    cfg: watcher::Config,
+) -> (
+    Store<DeserializeGuard<K>>,
+    impl Stream<Item = Result<DeserializeGuard<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, cfg)
+        .default_backoff()
+        .modify(|o: &mut DeserializeGuard<K>| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (reader, stream)
+}
+
+/// Shared error policy: count the error by category, log it, and requeue the
+/// object with its own exponential backoff.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: &K,
+    err: &Error,
+    ctx: &Context,
+) -> kube::runtime::controller::Action {
+    let kind = K::kind(&());
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[&kind, err.category()])
+        .inc();
+    let backoff = ctx.backoff(&obj.uid().unwrap_or_default());
+    tracing::warn!(kind = %kind, name = %obj.name_any(), error = %err, ?backoff, "reconcile failed");
+    kube::runtime::controller::Action::requeue(backoff)
+}
+
+/// Controller watcher config: watch timeouts below the 240 s idle timeout of
+/// common cloud load balancers.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(200)
+}
+
+/// Runs every controller until `stop` is cancelled.
+pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
+    tokio::join!(workspace::run(ctx.clone(), stop.clone().cancelled_owned()));
+}

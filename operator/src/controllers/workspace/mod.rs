@@ -1,0 +1,382 @@
+//! Workspace controller: keeps a tenant's namespace and its children (see
+//! [`build`]) in line with the spec, reports usage, and applies the deletion
+//! policy (Retain: namespace and data stay; Delete: a finalizer removes the
+//! namespace first). Touches only objects labelled with its workspace.
+pub mod build;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use self::build::*;
+use super::apply::{FIELD_MANAGER, apply_if_changed, patch_status_if_changed};
+use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
+use crate::api::{
+    DeletionPolicy, NewCondition, READY, Workspace, WorkspacePhase, WorkspaceStatus, WorkspaceUsage, set_condition,
+};
+use crate::quantity;
+
+const KIND: &str = "Workspace";
+/// Finalizer that deletes the namespace under deletionPolicy Delete.
+pub const FINALIZER: &str = "mlplane.io/workspace-cleanup";
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (store, stream) = guarded_watch(Api::<DeserializeGuard<Workspace>>::all(client.clone()), watch_config());
+    let children = watcher::Config::default().labels(WORKSPACE_LABEL).timeout(200);
+    // Children live in the workspace namespace while the Workspace is
+    // cluster-scoped, so they map back by label rather than ownerReference.
+    fn by_label<K: Resource>(obj: K) -> Option<ObjectRef<DeserializeGuard<Workspace>>> {
+        obj.labels().get(WORKSPACE_LABEL).map(|n| ObjectRef::new(n))
+    }
+    macro_rules! child_stream {
+        ($k:ty) => {
+            watcher(
+                Api::<PartialObjectMeta<$k>>::all(client.clone()),
+                children.clone(),
+            )
+            .default_backoff()
+            .touched_objects()
+        };
+    }
+    use kube::runtime::WatchStreamExt;
+    Controller::for_stream(stream, store)
+        .watches_stream(child_stream!(Namespace), by_label)
+        .watches_stream(child_stream!(RoleBinding), by_label)
+        .watches_stream(child_stream!(ResourceQuota), by_label)
+        .watches_stream(child_stream!(LimitRange), by_label)
+        .watches_stream(child_stream!(ServiceAccount), by_label)
+        .watches_stream(child_stream!(NetworkPolicy), by_label)
+        .watches_stream(child_stream!(PersistentVolumeClaim), by_label)
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_guarded, guarded_error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "workspace controller stream error");
+            }
+        })
+        .await;
+}
+
+async fn reconcile_guarded(obj: Arc<DeserializeGuard<Workspace>>, ctx: Arc<Context>) -> Result<Action> {
+    match &obj.0 {
+        Ok(ws) => reconcile(ws, &ctx).await,
+        Err(invalid) => {
+            // Reported once per change of the stored object; no retry loop.
+            tracing::error!(name = ?invalid.metadata.name, error = %invalid.error, "stored Workspace cannot be read");
+            ctx.metrics
+                .reconcile_errors
+                .with_label_values(&[KIND, "invalid_object"])
+                .inc();
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn guarded_error_policy(obj: Arc<DeserializeGuard<Workspace>>, err: &Error, ctx: Arc<Context>) -> Action {
+    match &obj.0 {
+        Ok(ws) => error_policy(ws, err, &ctx),
+        Err(_) => Action::await_change(),
+    }
+}
+
+async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.get_opt(name).await?)
+}
+
+/// One reconcile of a Workspace.
+pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_timer(KIND);
+    let client = &ctx.client;
+    let name = ws.name_any();
+    let ns_name = ws.target_namespace();
+    let workspaces: Api<Workspace> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut status = ws.status.clone().unwrap_or_default();
+    let generation = ws.metadata.generation;
+
+    if ws.metadata.deletion_timestamp.is_some() {
+        return finalize(ws, ctx, &workspaces, &namespaces, status, now).await;
+    }
+
+    // The finalizer exists exactly when the policy is Delete.
+    let want_finalizer = ws.spec.deletion_policy == DeletionPolicy::Delete;
+    if want_finalizer != ws.finalizers().iter().any(|f| f == FINALIZER) {
+        set_finalizer(&workspaces, &name, want_finalizer).await?;
+    }
+
+    // Dereference: the namespace must be free or already ours.
+    let live_ns = get_opt(&namespaces, &ns_name).await?;
+    if let Some(owner) = live_ns.as_ref().and_then(|n| n.labels().get(WORKSPACE_LABEL).cloned())
+        && owner != name
+    {
+        let msg = format!("spec.namespace {ns_name:?} belongs to Workspace {owner:?}");
+        set_condition(
+            &mut status.conditions,
+            NewCondition::new(READY, false, "NamespaceConflict", msg.clone()).observed_generation(generation),
+            &now,
+        );
+        status.phase = Some(WorkspacePhase::Failed);
+        status.observed_generation = generation;
+        if patch_status_if_changed(&workspaces, &name, ws.status.as_ref(), &status).await? {
+            ctx.event(ws, EventType::Warning, "NamespaceConflict", "Reconcile", msg)
+                .await;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let desired = build(ws, &ctx.settings.operator_namespace);
+    let mut changed: Vec<String> = vec![];
+
+    // Namespace: a pre-existing namespace is adopted and marked so that the
+    // Delete policy never deletes what mlplane did not create.
+    let mut ns_obj = desired.namespace.clone();
+    if let Some(live) = &live_ns
+        && (live.labels().get(WORKSPACE_LABEL).is_none() || live.annotations().contains_key(ADOPTED_ANNOTATION))
+    {
+        ns_obj
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ADOPTED_ANNOTATION.into(), "true".into());
+    }
+    if apply_if_changed(&namespaces, live_ns.as_ref(), &ns_obj).await? {
+        changed.push(format!("Namespace/{ns_name}"));
+    }
+
+    let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), &ns_name);
+    for rb in &desired.role_bindings {
+        let live = get_opt(&rbs, &rb.name_any()).await?;
+        if apply_if_changed(&rbs, live.as_ref(), rb).await? {
+            changed.push(format!("RoleBinding/{}", rb.name_any()));
+        }
+    }
+    // Orphans: bindings of roles that no longer have members.
+    let selector = format!("{WORKSPACE_LABEL}={name}");
+    for rb in rbs.list_metadata(&ListParams::default().labels(&selector)).await?.items {
+        let rb_name = rb.name_any();
+        if !desired.role_bindings.iter().any(|d| d.name_any() == rb_name) {
+            rbs.delete(&rb_name, &DeleteParams::default()).await?;
+            changed.push(format!("-RoleBinding/{rb_name}"));
+        }
+    }
+
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns_name);
+    sync_optional(&quotas, QUOTA_NAME, desired.quota.as_ref(), &mut changed).await?;
+
+    let lrs: Api<LimitRange> = Api::namespaced(client.clone(), &ns_name);
+    let live = get_opt(&lrs, LIMIT_RANGE_NAME).await?;
+    if apply_if_changed(&lrs, live.as_ref(), &desired.limit_range).await? {
+        changed.push(format!("LimitRange/{LIMIT_RANGE_NAME}"));
+    }
+
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
+    let live = get_opt(&sas, RUN_SERVICE_ACCOUNT).await?;
+    if apply_if_changed(&sas, live.as_ref(), &desired.service_account).await? {
+        changed.push(format!("ServiceAccount/{RUN_SERVICE_ACCOUNT}"));
+    }
+
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns_name);
+    sync_optional(&nps, NETWORK_POLICY_NAME, desired.network_policy.as_ref(), &mut changed).await?;
+
+    // The PVC holds data: it is created and grown, never deleted here (only
+    // the Delete policy removes it, with the namespace).
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns_name);
+    if let Some(pvc) = &desired.pvc {
+        let live = get_opt(&pvcs, ARTIFACTS_PVC).await?;
+        if apply_if_changed(&pvcs, live.as_ref(), pvc).await? {
+            changed.push(format!("PersistentVolumeClaim/{ARTIFACTS_PVC}"));
+        }
+    }
+
+    if !changed.is_empty() {
+        let reason = if live_ns.is_none() { "Created" } else { "Updated" };
+        ctx.event(
+            ws,
+            EventType::Normal,
+            reason,
+            "Reconcile",
+            format!("applied {}", changed.join(", ")),
+        )
+        .await;
+    }
+
+    // Status from what was applied, plus usage of the namespace.
+    status.usage = Some(usage(ctx, &ns_name).await?);
+    status.namespace = Some(ns_name.clone());
+    status.phase = Some(WorkspacePhase::Active);
+    status.observed_generation = generation;
+    set_condition(
+        &mut status.conditions,
+        NewCondition::new(
+            READY,
+            true,
+            "Reconciled",
+            format!("namespace {ns_name} and its members, quota and policies are in place"),
+        )
+        .observed_generation(generation),
+        &now,
+    );
+    patch_status_if_changed(&workspaces, &name, ws.status.as_ref(), &status).await?;
+    ctx.reset_failures(&ws.uid().unwrap_or_default());
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// A child the spec may or may not ask for: applied when desired (and
+/// changed), deleted when not desired but present with the workspace label.
+async fn sync_optional<K>(api: &Api<K>, name: &str, desired: Option<&K>, changed: &mut Vec<String>) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let live = get_opt(api, name).await?;
+    let kind = K::kind(&());
+    match desired {
+        Some(d) => {
+            if apply_if_changed(api, live.as_ref(), d).await? {
+                changed.push(format!("{kind}/{name}"));
+            }
+        }
+        None => {
+            if live.as_ref().is_some_and(|l| l.labels().contains_key(WORKSPACE_LABEL)) {
+                api.delete(name, &DeleteParams::default()).await?;
+                changed.push(format!("-{kind}/{name}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds or removes the cleanup finalizer with server-side apply (the field
+/// manager owns only its own entry).
+async fn set_finalizer(api: &Api<Workspace>, name: &str, present: bool) -> Result<()> {
+    let finalizers: Vec<&str> = if present { vec![FINALIZER] } else { vec![] };
+    let body = serde_json::json!({
+        "apiVersion": Workspace::api_version(&()),
+        "kind": Workspace::kind(&()),
+        "metadata": {"name": name, "finalizers": finalizers},
+    });
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await?;
+    Ok(())
+}
+
+/// Deletion: under Delete, remove the namespace (if mlplane created it; an
+/// adopted one only loses the artifacts PVC) and wait for it to go before
+/// releasing the finalizer. Under Retain nothing is held back.
+async fn finalize(
+    ws: &Workspace,
+    ctx: &Context,
+    workspaces: &Api<Workspace>,
+    namespaces: &Api<Namespace>,
+    mut status: WorkspaceStatus,
+    now: Time,
+) -> Result<Action> {
+    let name = ws.name_any();
+    if !ws.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    status.phase = Some(WorkspacePhase::Terminating);
+    set_condition(
+        &mut status.conditions,
+        NewCondition::new(
+            READY,
+            false,
+            "Deleting",
+            "deletionPolicy Delete: removing the namespace",
+        )
+        .observed_generation(ws.metadata.generation),
+        &now,
+    );
+    patch_status_if_changed(workspaces, &name, ws.status.as_ref(), &status).await?;
+
+    let ns_name = ws.target_namespace();
+    if let Some(ns) = namespaces.get_opt(&ns_name).await? {
+        let ours = ns.labels().get(WORKSPACE_LABEL) == Some(&name);
+        let adopted = ns.annotations().contains_key(ADOPTED_ANNOTATION);
+        if ours && !adopted {
+            if ns.metadata.deletion_timestamp.is_none() {
+                namespaces.delete(&ns_name, &DeleteParams::background()).await?;
+                ctx.event(
+                    ws,
+                    EventType::Normal,
+                    "Deleting",
+                    "Delete",
+                    format!("deleting namespace {ns_name}"),
+                )
+                .await;
+            }
+            // Namespace termination is observed through the namespace watch.
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        if ours {
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns_name);
+            if pvcs.get_opt(ARTIFACTS_PVC).await?.is_some() {
+                pvcs.delete(ARTIFACTS_PVC, &DeleteParams::background()).await?;
+            }
+        }
+    }
+    set_finalizer(workspaces, &name, false).await?;
+    Ok(Action::await_change())
+}
+
+/// Requests of the namespace's running pods and its active run Jobs.
+async fn usage(ctx: &Context, ns: &str) -> Result<WorkspaceUsage> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let (mut cpu, mut mem, mut gpu) = (0.0, 0.0, 0.0);
+    for p in pods.list(&ListParams::default()).await?.items {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        for c in p.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(res) = &c.resources else { continue };
+            let req = res.requests.as_ref();
+            let lim = res.limits.as_ref();
+            let get = |k: &str| req.and_then(|r| r.get(k)).or_else(|| lim.and_then(|l| l.get(k)));
+            cpu += get("cpu").map(quantity::value).unwrap_or(0.0);
+            mem += get("memory").map(quantity::value).unwrap_or(0.0);
+            gpu += get("nvidia.com/gpu").map(quantity::value).unwrap_or(0.0);
+        }
+    }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let active_runs = jobs
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
+        .await?
+        .items
+        .iter()
+        .filter(|j| j.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_none())
+        .filter(|j| {
+            !j.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+        })
+        .count();
+    Ok(WorkspaceUsage {
+        cpu: Some(quantity::format_cpu(cpu)),
+        memory: Some(quantity::format_bytes(mem)),
+        gpu: gpu.round() as i64,
+        active_runs: active_runs as i32,
+    })
+}

@@ -1,0 +1,63 @@
+//! The `mlplane` binary: CLI wiring only.
+//!
+//! - `mlplane run`: controllers, /metrics, /healthz, /readyz, leader election.
+//! - `mlplane crds [--dir DIR]`: print (or write) the CRD YAML generated from the types.
+use clap::{Parser, Subcommand};
+use mlplane::operator::RunArgs;
+use mlplane::runtime::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "mlplane",
+    version,
+    about = "Kubernetes operator for ML workspaces, compute, experiments, pipelines, data and models"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "MLPLANE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controllers and the HTTP endpoints.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions generated from the Rust types.
+    Crds {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli).await {
+        // One clear line (with causes), not a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Crds { dir: None } => {
+            print!("{}", mlplane::api::crds_yaml());
+            Ok(())
+        }
+        Command::Crds { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, yaml) in mlplane::api::crd_files() {
+                std::fs::write(dir.join(file), yaml)?;
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            telemetry::init(cli.log_format);
+            mlplane::operator::run(args).await
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The operator's Prometheus registry (prefix `mlplane_`). Metric labels use
+//! small fixed sets (kind, error category, phase, HTTP verb), never object
+//! names or free text.
+use std::time::Instant;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Reconciles run, by kind.
+    pub reconciles: IntCounterVec,
+    /// Reconcile errors, by kind and error category.
+    pub reconcile_errors: IntCounterVec,
+    /// Reconcile duration, by kind.
+    pub reconcile_duration: HistogramVec,
+    /// Objects of each kind by phase.
+    pub objects: IntGaugeVec,
+    /// Requests this process sent to the Kubernetes API, by verb (get, list,
+    /// watch, create, update, patch, delete) and resource (plural name).
+    pub kube_requests: IntCounterVec,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: IntGauge,
+    /// Events recorded on mlplane objects, by kind and reason.
+    pub events: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new("mlplane_reconcile_total", "Reconciles run, by kind"),
+            &["kind"],
+        )
+        .unwrap();
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "mlplane_reconcile_errors_total",
+                "Reconcile errors, by kind and category",
+            ),
+            &["kind", "category"],
+        )
+        .unwrap();
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new("mlplane_reconcile_duration_seconds", "Reconcile duration, by kind").buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["kind"],
+        )
+        .unwrap();
+        let objects = IntGaugeVec::new(
+            Opts::new("mlplane_objects", "mlplane objects by kind and phase"),
+            &["kind", "phase"],
+        )
+        .unwrap();
+        let kube_requests = IntCounterVec::new(
+            Opts::new(
+                "mlplane_kube_api_requests_total",
+                "Requests sent to the Kubernetes API, by verb and resource",
+            ),
+            &["verb", "resource"],
+        )
+        .unwrap();
+        let leader = IntGauge::new("mlplane_leader", "1 while this replica holds the leader Lease").unwrap();
+        let events = IntCounterVec::new(
+            Opts::new("mlplane_events_total", "Kubernetes Events recorded, by kind and reason"),
+            &["kind", "reason"],
+        )
+        .unwrap();
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
+            Box::new(reconcile_duration.clone()),
+            Box::new(objects.clone()),
+            Box::new(kube_requests.clone()),
+            Box::new(leader.clone()),
+            Box::new(events.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            objects,
+            kube_requests,
+            leader,
+            events,
+        }
+    }
+
+    /// Starts timing a reconcile of `kind`; the duration is recorded when the
+    /// returned guard drops, so no early return skips it.
+    pub fn reconcile_timer(&self, kind: &'static str) -> ReconcileTimer {
+        self.reconciles.with_label_values(&[kind]).inc();
+        ReconcileTimer {
+            hist: self.reconcile_duration.with_label_values(&[kind]),
+            start: Instant::now(),
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = vec![];
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+
+    /// Write requests (create, update, patch, delete) sent so far, leaving
+    /// out Lease renewals of leader election (which must keep writing).
+    pub fn kube_writes_excluding_leases(&self) -> u64 {
+        let mut n = 0;
+        for family in self.kube_requests.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                let verb = label("verb");
+                let write = matches!(
+                    verb.as_str(),
+                    "create" | "update" | "patch" | "delete" | "deletecollection"
+                );
+                if write && label("resource") != "leases" {
+                    n += m.get_counter().get_value() as u64;
+                }
+            }
+        }
+        n
+    }
+}
+
+/// Records a reconcile's duration on drop.
+pub struct ReconcileTimer {
+    hist: prometheus::Histogram,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.hist.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics_and_counts_writes() {
+        let m = Metrics::new();
+        m.kube_requests.with_label_values(&["patch", "workspaces/status"]).inc();
+        m.kube_requests.with_label_values(&["get", "namespaces"]).inc_by(5);
+        m.kube_requests.with_label_values(&["create", "rolebindings"]).inc();
+        m.kube_requests.with_label_values(&["update", "leases"]).inc_by(3);
+        {
+            let _t = m.reconcile_timer("Workspace");
+        }
+        assert_eq!(m.kube_writes_excluding_leases(), 2);
+        let text = m.render();
+        assert!(text.contains("mlplane_kube_api_requests_total{resource=\"workspaces/status\",verb=\"patch\"} 1"));
+        assert!(text.contains("mlplane_reconcile_total{kind=\"Workspace\"} 1"));
+        assert!(text.contains("mlplane_reconcile_duration_seconds_count{kind=\"Workspace\"} 1"));
+    }
+}

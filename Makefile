@@ -15,7 +15,7 @@ help: ## Show this help
 
 ##@ Local control plane
 .PHONY: tools
-tools: ## Build (or reuse) the pinned upstream binaries into $(BIN_CACHE)
+tools: ## Build (or reuse) the pinned upstream binaries into ~/.cache/mlplane/bin
 	@tests/cluster/build.sh >/dev/null
 
 .PHONY: cluster
@@ -23,8 +23,39 @@ cluster: tools ## Start the local control plane (idempotent); kubeconfig in .clu
 	@tests/cluster/up.sh
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local control plane and remove its state
+cluster-down: ## Stop the local control plane (and a demo operator) and remove its state
+	@if [[ -f .cluster/operator.pid ]]; then kill "$$(cat .cluster/operator.pid)" 2>/dev/null || true; fi
 	@tests/cluster/down.sh
+
+##@ Generated files
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types
+	cargo run -q -p mlplane -- crds --dir crds
+
+.PHONY: manifests
+manifests: crds tools ## Regenerate the chart's CRDs and manifests/install.yaml
+	hack/render-manifests.sh
+
+.PHONY: check-generated
+check-generated: manifests ## Fail when crds/ or manifests/ are stale
+	@git diff --exit-code -- crds charts/mlplane/crds manifests/install.yaml \
+	  || { echo "generated files are stale: run 'make manifests' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- crds charts/mlplane/crds manifests/install.yaml)" \
+	  || { echo "untracked generated files: run 'make manifests' and commit" >&2; exit 1; }
+
+##@ Install and run
+.PHONY: install
+install: tools ## Install the CRDs and the Helm chart into the cluster of KUBECONFIG
+	kubectl apply --server-side --force-conflicts -f crds/
+	helm upgrade --install mlplane charts/mlplane --namespace mlplane-system --create-namespace --wait
+
+.PHONY: run
+run: tools ## Run the operator out of cluster as the chart's ServiceAccount (exact chart RBAC)
+	hack/run-local.sh
+
+.PHONY: demo
+demo: tools ## Local cluster, install, operator, every example, then `kubectl get mlplane -A`
+	hack/demo.sh
 
 ##@ Development
 .PHONY: build
@@ -46,4 +77,5 @@ unit: ## Unit tests only (no cluster needed)
 
 .PHONY: test
 test: cluster ## Start the local cluster if needed and run every test
-	cargo test --workspace -- --test-threads=$${TEST_THREADS:-4}
+	cargo build -p mlplane
+	cargo test --workspace --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}

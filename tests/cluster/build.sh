@@ -41,8 +41,15 @@ kwok_ldflags="-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION -X sigs.k8s.i
 for c in kwok kwokctl; do
   build kwok "$cache/kwok-$KWOK_VERSION/$c" "sigs.k8s.io/kwok/cmd/$c" "$kwok_ldflags"
 done
-build helm "$cache/helm-$HELM_VERSION/helm" helm.sh/helm/v3/cmd/helm \
-  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# As helm's Makefile does: the default Kubernetes version of `helm template`
+# and lint comes from the client-go it is built with (v0.Y.Z -> 1.Y).
+client_go=$(cd "$here/tools/helm" && go list -f '{{.Version}}' -m k8s.io/client-go)
+cg_minor=$(echo "$client_go" | cut -d. -f2)
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$cg_minor"
+done
+build helm "$cache/helm-$HELM_VERSION/helm" helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 
 # One directory of links, so callers put a single entry on PATH.
 bin=$cache/current

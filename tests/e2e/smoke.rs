@@ -9,8 +9,8 @@ use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mlplane_test_support::*;
 use serde_json::json;
 
@@ -51,13 +51,20 @@ async fn gpu_job_lands_on_gpu_node_and_completes() -> Result<()> {
     let client = admin_client().await?;
     let ns = TestNamespace::create(&client, "smoke-gpu").await?;
     let jobs: Api<Job> = ns.api();
-    jobs.create(&PostParams::default(), &job("train", json!({"sim.mlplane.io/duration": "1s"}), true))
-        .await?;
+    jobs.create(
+        &PostParams::default(),
+        &job("train", json!({"sim.mlplane.io/duration": "1s"}), true),
+    )
+    .await?;
     wait_for(&jobs, "train", T, "Job Complete", |j| job_condition(j, "Complete")).await?;
 
     let pods: Api<Pod> = ns.api();
     let pod = list(&pods, Some("batch.kubernetes.io/job-name=train")).await?.remove(0);
-    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone()).expect("pod was scheduled");
+    let node_name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("pod was scheduled");
     let node = Api::<Node>::all(client.clone()).get(&node_name).await?;
     let gpus = node
         .status
@@ -65,8 +72,15 @@ async fn gpu_job_lands_on_gpu_node_and_completes() -> Result<()> {
         .and_then(|s| s.allocatable.as_ref())
         .and_then(|a| a.get("nvidia.com/gpu"))
         .map(|q| q.0.clone());
-    assert_eq!(gpus.as_deref(), Some("1"), "pod landed on {node_name}, which has no GPU");
-    assert_eq!(node.labels().get("nvidia.com/gpu.present").map(String::as_str), Some("true"));
+    assert_eq!(
+        gpus.as_deref(),
+        Some("1"),
+        "pod landed on {node_name}, which has no GPU"
+    );
+    assert_eq!(
+        node.labels().get("nvidia.com/gpu.present").map(String::as_str),
+        Some("true")
+    );
     Ok(())
 }
 
@@ -80,7 +94,8 @@ async fn job_told_to_fail_ends_failed_with_its_exit_code() -> Result<()> {
         "sim.mlplane.io/exit-code": "3",
         "sim.mlplane.io/termination-message": "loss diverged",
     });
-    jobs.create(&PostParams::default(), &job("crash", annotations, false)).await?;
+    jobs.create(&PostParams::default(), &job("crash", annotations, false))
+        .await?;
     let j = wait_for(&jobs, "crash", T, "Job Failed", |j| job_condition(j, "Failed")).await?;
     assert_eq!(j.status.and_then(|s| s.failed), Some(1));
 
@@ -119,12 +134,18 @@ async fn deployment_becomes_available() -> Result<()> {
         },
     }))?;
     deployments.create(&PostParams::default(), &d).await?;
-    let d = wait_for(&deployments, "web", T, "Deployment Available with 2 ready replicas", |d| {
-        let s = d.status.as_ref();
-        s.and_then(|s| s.ready_replicas) == Some(2)
-            && s.and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Available" && c.status == "True"))
-    })
+    let d = wait_for(
+        &deployments,
+        "web",
+        T,
+        "Deployment Available with 2 ready replicas",
+        |d| {
+            let s = d.status.as_ref();
+            s.and_then(|s| s.ready_replicas) == Some(2)
+                && s.and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Available" && c.status == "True"))
+        },
+    )
     .await?;
     assert_eq!(d.status.and_then(|s| s.available_replicas), Some(2));
     Ok(())
@@ -136,20 +157,30 @@ async fn namespace_deletion_completes() -> Result<()> {
     let name = format!("smoke-del-{}", random_suffix());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}}))?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
         .await?;
     // Content that the namespace controller and KWOK have to clean up.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
-    cms.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "c"}, "data": {"k": "v"}}))?)
-        .await?;
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "c"}, "data": {"k": "v"}}))?,
+    )
+    .await?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &name);
-    jobs.create(&PostParams::default(), &job("long", json!({"sim.mlplane.io/duration": "1h"}), false))
-        .await?;
+    jobs.create(
+        &PostParams::default(),
+        &job("long", json!({"sim.mlplane.io/duration": "1h"}), false),
+    )
+    .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
     eventually(T, "the Job's pod to run", || async {
-        let running = list(&pods, None).await?.into_iter().any(|p| {
-            p.status.and_then(|s| s.phase).as_deref() == Some("Running")
-        });
+        let running = list(&pods, None)
+            .await?
+            .into_iter()
+            .any(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"));
         Ok(running.then_some(()))
     })
     .await?;
@@ -163,8 +194,11 @@ async fn service_account_without_rbac_is_forbidden() -> Result<()> {
     let client = admin_client().await?;
     let ns = TestNamespace::create(&client, "smoke-rbac").await?;
     let sas: Api<ServiceAccount> = ns.api();
-    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?)
-        .await?;
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?,
+    )
+    .await?;
     let sa_client = service_account_client(&client, &ns.name, "nobody").await?;
 
     let err = Api::<Pod>::namespaced(sa_client.clone(), &ns.name)
@@ -174,7 +208,11 @@ async fn service_account_without_rbac_is_forbidden() -> Result<()> {
     match err {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 403, "{s:?}");
-            assert!(s.message.contains(&format!("system:serviceaccount:{}:nobody", ns.name)), "{}", s.message);
+            assert!(
+                s.message.contains(&format!("system:serviceaccount:{}:nobody", ns.name)),
+                "{}",
+                s.message
+            );
         }
         other => panic!("expected 403, got {other:?}"),
     }

@@ -59,8 +59,12 @@ pub fn tool(name: &str) -> PathBuf {
 /// The admin kube Config of the local cluster.
 pub async fn admin_config() -> Result<Config> {
     let path = kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .with_context(|| format!("reading kubeconfig {} (is the local cluster up? run `make cluster`)", path.display()))?;
+    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| {
+        format!(
+            "reading kubeconfig {} (is the local cluster up? run `make cluster`)",
+            path.display()
+        )
+    })?;
     let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     config.read_timeout = Some(Duration::from_secs(60));
     Ok(config)
@@ -160,7 +164,9 @@ impl Drop for TestNamespace {
             if let Ok(rt) = rt {
                 rt.block_on(async move {
                     if let Ok(client) = admin_client().await {
-                        let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                        let _ = Api::<Namespace>::all(client)
+                            .delete(&name, &DeleteParams::background())
+                            .await;
                     }
                 });
             }
@@ -174,7 +180,12 @@ pub fn random_suffix() -> String {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     let v = h.finish();
     (0..6)
         .map(|i| {
@@ -249,7 +260,8 @@ where
         Ok(r) => r,
         Err(_) => bail!(
             "timed out after {timeout:?} waiting for {name} to be deleted; last seen:\n{}",
-            last.map(|o| serde_json::to_string_pretty(&o).unwrap_or_default()).unwrap_or_default()
+            last.map(|o| serde_json::to_string_pretty(&o).unwrap_or_default())
+                .unwrap_or_default()
         ),
     }
 }
@@ -311,7 +323,10 @@ pub fn dynamic_api(
     let api = match caps.scope {
         Scope::Cluster => Api::all_with(client.clone(), &ar),
         Scope::Namespaced => {
-            let ns = obj.namespace().or(default_ns.map(str::to_string)).unwrap_or_else(|| "default".into());
+            let ns = obj
+                .namespace()
+                .or(default_ns.map(str::to_string))
+                .unwrap_or_else(|| "default".into());
             Api::namespaced_with(client.clone(), &ns, &ar)
         }
     };
@@ -342,7 +357,11 @@ pub fn kubectl(args: &[&str]) -> Result<String> {
         .output()
         .context("running kubectl (run tests/cluster/build.sh first)")?;
     if !out.status.success() {
-        bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -374,4 +393,383 @@ pub async fn wait_for_event(
         Ok(evs.items.into_iter().find(|e| pred(e)))
     })
     .await
+}
+
+// ---------------------------------------------------------------------------
+// The operator under test: installed by the chart, run out of cluster with
+// exactly the chart's RBAC (a TokenRequest token of its ServiceAccount).
+// ---------------------------------------------------------------------------
+
+/// Namespace and release name of the chart install the tests use.
+pub const OPERATOR_NAMESPACE: &str = "mlplane-system";
+pub const RELEASE: &str = "mlplane";
+/// The chart's ServiceAccount the operator authenticates as.
+pub const OPERATOR_SERVICE_ACCOUNT: &str = "mlplane";
+
+/// Runs a command to completion, failing with its output when it fails.
+pub fn run_cmd(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies the generated CRDs (server-side), once per test process. Helm
+/// never upgrades a chart's CRDs, so tests apply them from crds/ first.
+pub fn install_crds() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = repo_root().join("crds");
+        kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &dir.to_string_lossy(),
+        ])
+        .and_then(|_| {
+            kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "-f",
+                &dir.to_string_lossy(),
+            ])
+        })
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// Installs (or upgrades) the Helm chart into the local cluster, once per
+/// test process, after the CRDs.
+pub fn install_chart() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        install_crds().map_err(|e| format!("{e:#}"))?;
+        run_cmd(
+            std::process::Command::new(tool("helm"))
+                .env("KUBECONFIG", kubeconfig_path())
+                .args(["upgrade", "--install", RELEASE])
+                .arg(repo_root().join("charts/mlplane"))
+                .args([
+                    "--namespace",
+                    OPERATOR_NAMESPACE,
+                    "--create-namespace",
+                    "--wait",
+                    "--timeout",
+                    "120s",
+                ]),
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// Writes a kubeconfig that authenticates only with a fresh TokenRequest
+/// token of the chart's ServiceAccount, and returns its path.
+pub async fn operator_kubeconfig(admin: &Client) -> Result<PathBuf> {
+    let token = service_account_token(admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, 24 * 3600).await?;
+    let admin_kc = Kubeconfig::read_from(kubeconfig_path())?;
+    let cluster = admin_kc
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .context("admin kubeconfig has no cluster")?;
+    let kc = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": "mlplane-operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "mlplane-operator"}}],
+        "current-context": "operator",
+    });
+    let path = repo_root().join(format!(".cluster/operator-kubeconfig-{}", random_suffix()));
+    std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+    Ok(path)
+}
+
+/// Path of the operator binary (`cargo build -p mlplane` makes it; `make test` does).
+pub fn operator_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    target.join("debug/mlplane")
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An operator process. It is killed when this handle drops, and also when
+/// the test process exits (PR_SET_PDEATHSIG), so none outlives its tests.
+pub struct Operator {
+    pub child: std::process::Child,
+    pub metrics_port: u16,
+    pub identity: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `mlplane run` as the chart's ServiceAccount with `extra` flags.
+    pub async fn start(admin: &Client, extra: &[&str]) -> Result<Self> {
+        install_chart()?;
+        let bin = operator_binary();
+        if !bin.exists() {
+            bail!(
+                "{} not found: run `cargo build -p mlplane` (make test does)",
+                bin.display()
+            );
+        }
+        let kubeconfig = operator_kubeconfig(admin).await?;
+        let port = free_port();
+        let identity = format!("test-operator-{}", random_suffix());
+        let log = repo_root().join(format!(".cluster/{identity}.log"));
+        let logfile = std::fs::File::create(&log)?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.env("KUBECONFIG", &kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("MLPLANE_TEST_LOG").unwrap_or_else(|_| "info,mlplane=debug".into()),
+            )
+            .args(["run", "--namespace", OPERATOR_NAMESPACE, "--identity", &identity])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(logfile.try_clone()?)
+            .stderr(logfile);
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // The parent "thread" of PR_SET_PDEATHSIG is the spawning thread: spawn
+        // from a thread that lives as long as the process.
+        let child = spawner().spawn(cmd)?;
+        let op = Self {
+            child,
+            metrics_port: port,
+            identity,
+            log,
+        };
+        eventually(Duration::from_secs(30), "operator /healthz", || async {
+            Ok(op.get("/healthz").ok().filter(|b| b.contains("ok")))
+        })
+        .await
+        .map_err(|e| anyhow!("{e:#}\noperator log:\n{}", op.log_tail()))?;
+        Ok(op)
+    }
+
+    /// GETs a path of the operator's HTTP endpoint.
+    pub fn get(&self, path: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {head}");
+        }
+        Ok(body.to_string())
+    }
+
+    /// Sum of a metric's samples whose labels contain every `labels` pair.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(sum_metric(&self.get("/metrics")?, name, labels))
+    }
+
+    /// Write requests sent by this operator so far, Lease renewals excluded.
+    pub fn writes_excluding_leases(&self) -> Result<f64> {
+        let text = self.get("/metrics")?;
+        let mut n = 0.0;
+        for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+            n += sum_metric(&text, "mlplane_kube_api_requests_total", &[("verb", verb)]);
+            n -= sum_metric(
+                &text,
+                "mlplane_kube_api_requests_total",
+                &[("verb", verb), ("resource", "leases")],
+            );
+        }
+        Ok(n)
+    }
+
+    /// Whether this replica reports holding the leader Lease.
+    pub fn is_leader(&self) -> bool {
+        self.metric("mlplane_leader", &[]).map(|v| v == 1.0).unwrap_or(false)
+    }
+
+    /// The last lines of the operator's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sums the samples of metric `name` (Prometheus text) whose labels include `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_str) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| label_str.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A thread that lives for the whole test process and spawns children for it.
+struct Spawner(
+    std::sync::Mutex<
+        std::sync::mpsc::Sender<(
+            std::process::Command,
+            std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+        )>,
+    >,
+);
+
+impl Spawner {
+    fn spawn(&self, cmd: std::process::Command) -> Result<std::process::Child> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0.lock().expect("spawner lock").send((cmd, tx))?;
+        Ok(rx.recv()??)
+    }
+}
+
+fn spawner() -> &'static Spawner {
+    static S: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<(std::process::Command, std::sync::mpsc::Sender<_>)>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        Spawner(std::sync::Mutex::new(tx))
+    })
+}
+
+/// Write requests by `user` recorded in the API server's audit log after
+/// `since`, by "verb resource", Lease writes excluded. The audit policy of the
+/// local cluster logs every write at Metadata level.
+pub fn audited_writes(user: &str, since: k8s_openapi::jiff::Timestamp) -> Result<Vec<String>> {
+    let path = repo_root().join(".cluster/kwok/clusters/mlplane/logs/audit.log");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if ev["user"]["username"] != user || ev["stage"] != "ResponseComplete" {
+            continue;
+        }
+        let ts: k8s_openapi::jiff::Timestamp = match ev["requestReceivedTimestamp"].as_str().map(str::parse) {
+            Some(Ok(t)) => t,
+            _ => continue,
+        };
+        let resource = ev["objectRef"]["resource"].as_str().unwrap_or("");
+        if ts > since && resource != "leases" {
+            let sub = ev["objectRef"]["subresource"]
+                .as_str()
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "{} {resource}{sub} {}",
+                ev["verb"].as_str().unwrap_or(""),
+                ev["objectRef"]["name"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The operator shared by the tests of one test binary: started on first use
+/// as the chart's ServiceAccount, killed when the test process exits.
+pub fn shared_operator() -> &'static Operator {
+    static OP: std::sync::OnceLock<Operator> = std::sync::OnceLock::new();
+    OP.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let admin = admin_client().await?;
+                Operator::start(&admin, &[]).await
+            })
+        })
+        .join()
+        .expect("operator start thread")
+        .expect("the operator starts")
+    })
+}
+
+/// A client that impersonates `user` (and `groups`) through the admin
+/// credentials, for testing what RBAC grants a person.
+pub async fn user_client(user: &str, groups: &[&str]) -> Result<Client> {
+    let mut config = admin_config().await?;
+    config.auth_info.impersonate = Some(user.to_string());
+    if !groups.is_empty() {
+        config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    }
+    Ok(Client::try_from(config)?)
+}
+
+/// Status of a `Ready`-style condition in a JSON status.
+pub fn condition<'a>(status: &'a serde_json::Value, ty: &str) -> Option<&'a serde_json::Value> {
+    status["conditions"].as_array()?.iter().find(|c| c["type"] == ty)
+}
+
+/// The API error code of a failed request (0 for non-API errors).
+pub fn api_code<T>(r: &std::result::Result<T, kube::Error>) -> u16 {
+    match r {
+        Err(kube::Error::Api(s)) => s.code,
+        _ => 0,
+    }
 }

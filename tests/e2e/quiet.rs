@@ -1,0 +1,72 @@
+//! No hot loops: after convergence, an operator with a 5 s resync writes
+//! nothing to the API server in 30 idle seconds (Lease renewals aside),
+//! counted both by its own client metrics and by the API server's audit log.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::api::{Api, DeleteParams, PostParams};
+use mlplane::api::Workspace;
+use mlplane_test_support::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
+    let client = admin_client().await?;
+    let op = Operator::start(&client, &["--resync-seconds", "5"]).await?;
+    let api: Api<Workspace> = Api::all(client.clone());
+    let mut names = vec![];
+    for i in 0..3 {
+        let name = format!("ws-quiet-{i}-{}", random_suffix());
+        let ws: Workspace = serde_json::from_value(json!({
+            "apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": name},
+            "spec": {
+                "members": [{"kind": "User", "name": "alice", "role": "Contributor"}],
+                "quota": {"cpu": "4", "memory": "8Gi", "gpu": 1},
+                "storage": {"artifacts": {"pvc": {"size": "1Gi"}}},
+                "networkIsolation": true,
+                "deletionPolicy": if i == 0 { "Delete" } else { "Retain" },
+            },
+        }))?;
+        api.create(&PostParams::default(), &ws).await?;
+        names.push(name);
+    }
+    for name in &names {
+        wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", |w| {
+            let s = serde_json::to_value(&w.status).unwrap_or_default();
+            condition(&s, "Ready").is_some_and(|c| c["status"] == "True")
+        })
+        .await?;
+    }
+    // Let the last status writes and their watch events settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let since = k8s_openapi::jiff::Timestamp::now();
+    let before = op.writes_excluding_leases()?;
+    let reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = op.writes_excluding_leases()?;
+    let reconciles_after = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
+    let audited = audited_writes(
+        &format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"),
+        since,
+    )?;
+    eprintln!(
+        "idle 30 s: {} reconciles, {} writes by client metrics, {} writes in the audit log",
+        reconciles_after - reconciles_before,
+        after - before,
+        audited.len()
+    );
+    assert!(
+        reconciles_after - reconciles_before >= 3.0,
+        "resyncs happened during the window"
+    );
+    assert_eq!(after - before, 0.0, "operator wrote while idle:\n{}", op.log_tail());
+    assert!(audited.is_empty(), "audit log shows writes while idle: {audited:?}");
+    for name in &names {
+        let _ = api.delete(name, &DeleteParams::default()).await;
+        let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .delete(name, &DeleteParams::default())
+            .await;
+    }
+    Ok(())
+}

@@ -11,11 +11,14 @@ tests/cluster/up.sh
 if [[ -f .cluster/operator.pid ]] && kill -0 "$(cat .cluster/operator.pid)" 2>/dev/null; then
   echo "operator already running (pid $(cat .cluster/operator.pid))"
 else
-  nohup hack/run-local.sh --metrics-addr 127.0.0.1:8080 > .cluster/operator.log 2>&1 &
-  echo $! > .cluster/operator.pid
-  echo "operator started (pid $!, log .cluster/operator.log, metrics http://127.0.0.1:8080/metrics)"
-  for _ in $(seq 1 120); do
-    curl -fs 127.0.0.1:8080/readyz >/dev/null 2>&1 && break
+  MLPLANE_METRICS_ADDR=127.0.0.1:8080 nohup hack/run-local.sh > .cluster/operator.log 2>&1 &
+  pid=$!
+  echo $pid > .cluster/operator.pid
+  echo "operator starting (pid $pid, log .cluster/operator.log, metrics http://127.0.0.1:8080/metrics)"
+  until curl -fs 127.0.0.1:8080/readyz >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "the operator exited:" >&2; tail -20 .cluster/operator.log >&2; exit 1
+    fi
     sleep 1
   done
 fi

@@ -35,6 +35,6 @@ contexts:
 current-context: operator
 KC
 cargo build -q -p mlplane
-echo "running the operator as system:serviceaccount:$ns:$sa (metrics on http://127.0.0.1:8080/metrics)" >&2
-exec env KUBECONFIG="$kc" "$root/target/debug/mlplane" run --namespace "$ns" \
-  --metrics-addr "${MLPLANE_METRICS_ADDR:-127.0.0.1:8080}" "$@"
+echo "running the operator as system:serviceaccount:$ns:$sa (metrics on http://${MLPLANE_METRICS_ADDR:-127.0.0.1:8080}/metrics)" >&2
+exec env KUBECONFIG="$kc" MLPLANE_METRICS_ADDR="${MLPLANE_METRICS_ADDR:-127.0.0.1:8080}" \
+  "$root/target/debug/mlplane" run --namespace "$ns" "$@"

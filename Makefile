@@ -57,6 +57,12 @@ run: tools ## Run the operator out of cluster as the chart's ServiceAccount (exa
 demo: tools ## Local cluster, install, operator, every example, then `kubectl get mlplane -A`
 	hack/demo.sh
 
+.PHONY: tracking
+tracking: ## Standalone tracking server on 127.0.0.1:5000 (SQLite in .tracking/, auth off), like `mlflow server`
+	@mkdir -p .tracking
+	cargo run -q -p mlplane -- tracking --addr 127.0.0.1:5000 --auth=false \
+	  --database-url sqlite://.tracking/mlplane.db --artifact-root .tracking/artifacts
+
 ##@ Development
 .PHONY: build
 build: ## Build the operator
@@ -74,6 +80,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 .PHONY: unit
 unit: ## Unit tests only (no cluster needed)
 	cargo test -p mlplane
+
+.PHONY: bench
+bench: ## Benchmarks (release build): figures against a baseline measured in the same run
+	cargo build --release -p mlplane -p mlplane-bench
+	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/tracking
 
 .PHONY: test
 test: cluster ## Start the local cluster if needed and run every test

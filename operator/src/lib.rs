@@ -5,3 +5,4 @@ pub mod controllers;
 pub mod operator;
 pub mod quantity;
 pub mod runtime;
+pub mod tracking;

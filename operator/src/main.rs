@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 use mlplane::operator::RunArgs;
 use mlplane::runtime::telemetry::{self, LogFormat};
+use mlplane::tracking::TrackingArgs;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the controllers and the HTTP endpoints.
     Run(RunArgs),
+    /// Run the MLflow-compatible tracking server on its own (local use).
+    Tracking(TrackingArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds {
         /// Write one file per CRD into this directory instead of printing.
@@ -34,6 +37,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
+    // Both rustls providers are linked (kube: ring, object_store: aws-lc-rs),
+    // so rustls cannot pick a default by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli).await {
         // One clear line (with causes), not a backtrace.
@@ -54,6 +60,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(dir.join(file), yaml)?;
             }
             Ok(())
+        }
+        Command::Tracking(args) => {
+            telemetry::init(cli.log_format);
+            mlplane::tracking::standalone(args).await
         }
         Command::Run(args) => {
             telemetry::init(cli.log_format);

@@ -56,8 +56,15 @@ pub fn tool(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// Selects ring as the process-wide rustls provider (both ring and aws-lc-rs
+/// are linked, so rustls cannot pick one by itself).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The admin kube Config of the local cluster.
 pub async fn admin_config() -> Result<Config> {
+    install_crypto_provider();
     let path = kubeconfig_path();
     let kubeconfig = Kubeconfig::read_from(&path).with_context(|| {
         format!(
@@ -460,14 +467,12 @@ pub fn install_chart() -> Result<()> {
                 .env("KUBECONFIG", kubeconfig_path())
                 .args(["upgrade", "--install", RELEASE])
                 .arg(repo_root().join("charts/mlplane"))
-                .args([
-                    "--namespace",
-                    OPERATOR_NAMESPACE,
-                    "--create-namespace",
-                    "--wait",
-                    "--timeout",
-                    "120s",
-                ]),
+                // The tracking server is on so its ServiceAccount and RBAC exist
+                // for the tests that run it out of cluster. No --wait: its PVC
+                // has no provisioner in the local cluster; tests wait for what
+                // they use.
+                .args(["--namespace", OPERATOR_NAMESPACE, "--create-namespace"])
+                .args(["--set", "tracking.enabled=true"]),
         )
         .map(|_| ())
         .map_err(|e| format!("{e:#}"))
@@ -477,9 +482,15 @@ pub fn install_chart() -> Result<()> {
 }
 
 /// Writes a kubeconfig that authenticates only with a fresh TokenRequest
-/// token of the chart's ServiceAccount, and returns its path.
+/// token of the chart's operator ServiceAccount, and returns its path.
 pub async fn operator_kubeconfig(admin: &Client) -> Result<PathBuf> {
-    let token = service_account_token(admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, 24 * 3600).await?;
+    service_account_kubeconfig(admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT).await
+}
+
+/// Writes a kubeconfig that authenticates only with a fresh TokenRequest
+/// token of `namespace/name`, and returns its path.
+pub async fn service_account_kubeconfig(admin: &Client, namespace: &str, name: &str) -> Result<PathBuf> {
+    let token = service_account_token(admin, namespace, name, 24 * 3600).await?;
     let admin_kc = Kubeconfig::read_from(kubeconfig_path())?;
     let cluster = admin_kc
         .clusters
@@ -490,17 +501,21 @@ pub async fn operator_kubeconfig(admin: &Client) -> Result<PathBuf> {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "local", "cluster": cluster}],
-        "users": [{"name": "mlplane-operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "mlplane-operator"}}],
-        "current-context": "operator",
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": name}}],
+        "current-context": "sa",
     });
-    let path = repo_root().join(format!(".cluster/operator-kubeconfig-{}", random_suffix()));
+    let path = repo_root().join(format!(".cluster/kubeconfig-{namespace}-{name}-{}", random_suffix()));
     std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
     Ok(path)
 }
 
-/// Path of the operator binary (`cargo build -p mlplane` makes it; `make test` does).
+/// Path of the operator binary: `$MLPLANE_BIN`, else target/debug/mlplane
+/// (`cargo build -p mlplane` makes it; `make test` does).
 pub fn operator_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MLPLANE_BIN") {
+        return PathBuf::from(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
@@ -539,30 +554,13 @@ impl Operator {
         let port = free_port();
         let identity = format!("test-operator-{}", random_suffix());
         let log = repo_root().join(format!(".cluster/{identity}.log"));
-        let logfile = std::fs::File::create(&log)?;
         let mut cmd = std::process::Command::new(bin);
         cmd.env("KUBECONFIG", &kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("MLPLANE_TEST_LOG").unwrap_or_else(|_| "info,mlplane=debug".into()),
-            )
             .args(["run", "--namespace", OPERATOR_NAMESPACE, "--identity", &identity])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .stdout(logfile.try_clone()?)
-            .stderr(logfile);
-        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        // The parent "thread" of PR_SET_PDEATHSIG is the spawning thread: spawn
-        // from a thread that lives as long as the process.
-        let child = spawner().spawn(cmd)?;
+            .args(extra);
+        let child = spawn_logged(cmd, &log)?;
         let op = Self {
             child,
             metrics_port: port,
@@ -577,19 +575,13 @@ impl Operator {
         Ok(op)
     }
 
-    /// GETs a path of the operator's HTTP endpoint.
+    /// GETs a path of the operator's HTTP endpoint (fails unless 200).
     pub fn get(&self, path: &str) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {path}: {head}");
+        let (code, body) = http_get(&format!("http://127.0.0.1:{}{path}", self.metrics_port))?;
+        if code != 200 {
+            bail!("GET {path}: HTTP {code}");
         }
-        Ok(body.to_string())
+        Ok(body)
     }
 
     /// Sum of a metric's samples whose labels contain every `labels` pair.
@@ -619,9 +611,7 @@ impl Operator {
 
     /// The last lines of the operator's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        tail(&self.log)
     }
 
     /// SIGKILL, as a crash would.
@@ -644,6 +634,132 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Spawns `cmd` with stdout and stderr to `log` and RUST_LOG from
+/// MLPLANE_TEST_LOG, killed (PR_SET_PDEATHSIG) when the test process exits.
+pub fn spawn_logged(mut cmd: std::process::Command, log: &Path) -> Result<std::process::Child> {
+    let logfile = std::fs::File::create(log)?;
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("MLPLANE_TEST_LOG").unwrap_or_else(|_| "info,mlplane=debug".into()),
+    )
+    .stdout(logfile.try_clone()?)
+    .stderr(logfile);
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    // The parent "thread" of PR_SET_PDEATHSIG is the spawning thread: spawn
+    // from a thread that lives as long as the process.
+    spawner().spawn(cmd)
+}
+
+/// The last 40 lines of a log file.
+pub fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A `mlplane tracking` server process, killed when dropped.
+pub struct TrackingServer {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl TrackingServer {
+    /// Starts `mlplane tracking` on a free port with `database_url` and
+    /// `artifact_root`. `kubeconfig`: Some to turn authentication on (the
+    /// server then authenticates callers with TokenReview as that identity).
+    pub async fn start(database_url: &str, artifact_root: &Path, kubeconfig: Option<&Path>) -> Result<Self> {
+        let bin = operator_binary();
+        if !bin.exists() {
+            bail!(
+                "{} not found: run `cargo build -p mlplane` (make test does)",
+                bin.display()
+            );
+        }
+        let port = free_port();
+        let log = repo_root().join(format!(".cluster/tracking-{port}.log"));
+        std::fs::create_dir_all(repo_root().join(".cluster"))?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args([
+            "tracking",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            database_url,
+        ])
+        .arg("--artifact-root")
+        .arg(artifact_root);
+        match kubeconfig {
+            Some(kc) => {
+                cmd.env("KUBECONFIG", kc)
+                    .args(["--auth=true", "--operator-user"])
+                    .arg(format!(
+                        "system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
+                    ));
+            }
+            None => {
+                cmd.arg("--auth=false");
+            }
+        }
+        let child = spawn_logged(cmd, &log)?;
+        let server = Self { child, port, log };
+        let url = format!("{}/health", server.url());
+        eventually(Duration::from_secs(30), "tracking server /health", || {
+            let url = url.clone();
+            async move { Ok(http_get(&url).ok().filter(|(code, _)| *code == 200)) }
+        })
+        .await
+        .map_err(|e| anyhow!("{e:#}\ntracking log:\n{}", tail(&server.log)))?;
+        Ok(server)
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:5000`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TrackingServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal blocking HTTP/1.0 GET of `http://host:port/path`: (status, body).
+pub fn http_get(url: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("http:// URL")?;
+    let (hostport, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(hostport)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status")?;
+    Ok((code, body.to_string()))
 }
 
 /// Sums the samples of metric `name` (Prometheus text) whose labels include `labels`.
@@ -771,5 +887,74 @@ pub fn api_code<T>(r: &std::result::Result<T, kube::Error>) -> u16 {
     match r {
         Err(kube::Error::Api(s)) => s.code,
         _ => 0,
+    }
+}
+
+/// A minimal MLflow REST client for tests (plays the training script or a
+/// user): `POST`/`GET` `/api/2.0/mlflow/<endpoint>` with a bearer token.
+#[derive(Clone, Debug)]
+pub struct Mlflow {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Mlflow {
+    /// `base` is the server's root URL, e.g. `http://127.0.0.1:5000`.
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    /// POSTs `body` to `endpoint`; fails unless 200.
+    pub async fn post(&self, token: &str, endpoint: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let resp = self
+            .http
+            .post(format!("{}/api/2.0/mlflow/{endpoint}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?;
+        let code = resp.status().as_u16();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if code != 200 {
+            bail!("POST {endpoint}: HTTP {code}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// GETs `endpoint` with `query`; fails unless 200.
+    pub async fn get(&self, token: &str, endpoint: &str, query: &[(&str, &str)]) -> Result<serde_json::Value> {
+        let resp = self
+            .http
+            .get(format!("{}/api/2.0/mlflow/{endpoint}", self.base))
+            .bearer_auth(token)
+            .query(query)
+            .send()
+            .await?;
+        let code = resp.status().as_u16();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if code != 200 {
+            bail!("GET {endpoint}: HTTP {code}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Logs `value` of metric `key` at `step` to a run.
+    pub async fn log_metric(&self, token: &str, run_id: &str, key: &str, value: f64, step: i64) -> Result<()> {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        self.post(
+            token,
+            "runs/log-metric",
+            serde_json::json!({"run_id": run_id, "key": key, "value": value, "timestamp": ts, "step": step}),
+        )
+        .await
+        .map(|_| ())
     }
 }

@@ -98,3 +98,22 @@ Refuses value combinations that would break the operator.
 {{- fail "logFormat must be json or text" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Tracking server: name, and selector labels distinct from the operator's.
+*/}}
+{{- define "mlplane.trackingName" -}}
+{{- printf "%s-tracking" (include "mlplane.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "mlplane.trackingSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "mlplane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: tracking
+{{- end }}
+{{- define "mlplane.trackingLabels" -}}
+helm.sh/chart: {{ include "mlplane.chart" . }}
+{{ include "mlplane.trackingSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: mlplane
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

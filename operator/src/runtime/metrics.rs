@@ -27,6 +27,15 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Events recorded on mlplane objects, by kind and reason.
     pub events: IntCounterVec,
+    /// Tracking API requests, by route and HTTP status code.
+    pub tracking_requests: IntCounterVec,
+    /// Tracking API request duration, by route.
+    pub tracking_duration: HistogramVec,
+    /// Runs that reached an end state, by kind (Experiment, Pipeline) and
+    /// phase (Succeeded, Failed, Cancelled).
+    pub runs: IntCounterVec,
+    /// Wall-clock duration of finished runs (start of the Job to its end), by kind.
+    pub run_duration: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -77,6 +86,40 @@ impl Metrics {
             &["kind", "reason"],
         )
         .unwrap();
+        let tracking_requests = IntCounterVec::new(
+            Opts::new(
+                "mlplane_tracking_requests_total",
+                "Tracking API requests, by route and status code",
+            ),
+            &["route", "code"],
+        )
+        .unwrap();
+        let tracking_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mlplane_tracking_request_duration_seconds",
+                "Tracking API request duration, by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .unwrap();
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "mlplane_runs_total",
+                "Runs that reached an end state, by kind and phase",
+            ),
+            &["kind", "phase"],
+        )
+        .unwrap();
+        let run_duration = HistogramVec::new(
+            HistogramOpts::new("mlplane_run_duration_seconds", "Duration of finished runs, by kind").buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+            ]),
+            &["kind"],
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -85,6 +128,10 @@ impl Metrics {
             Box::new(kube_requests.clone()),
             Box::new(leader.clone()),
             Box::new(events.clone()),
+            Box::new(tracking_requests.clone()),
+            Box::new(tracking_duration.clone()),
+            Box::new(runs.clone()),
+            Box::new(run_duration.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -97,6 +144,10 @@ impl Metrics {
             kube_requests,
             leader,
             events,
+            tracking_requests,
+            tracking_duration,
+            runs,
+            run_duration,
         }
     }
 

@@ -11,11 +11,13 @@ use anyhow::{Context as _, bail};
 use kube::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
+use crate::controllers::run::environment::Catalog;
 use crate::controllers::{self, Context, Settings};
 use crate::runtime::client::counted_client;
 use crate::runtime::leader::{Election, LeaderConfig};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::server::{self, Probes};
+use crate::tracking::client::{Token, TrackingClient};
 
 /// The kinds whose CRDs must be installed before the operator starts.
 const KINDS: [&str; 6] = [
@@ -57,7 +59,25 @@ pub struct RunArgs {
     /// Seconds between periodic reconciles of a converged object.
     #[arg(long, env = "MLPLANE_RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// URL of the tracking server that run pods log to (MLFLOW_TRACKING_URI),
+    /// e.g. `http://mlplane-tracking.mlplane-system.svc:5000`.
+    #[arg(long, env = "MLPLANE_TRACKING_URL")]
+    pub tracking_url: Option<String>,
+    /// URL the operator itself uses to reach the tracking server (default:
+    /// --tracking-url).
+    #[arg(long, env = "MLPLANE_TRACKING_OPERATOR_URL")]
+    pub tracking_operator_url: Option<String>,
+    /// File with the operator's bearer token for the tracking server (default:
+    /// the in-cluster ServiceAccount token, else the kubeconfig's token).
+    #[arg(long, env = "MLPLANE_TRACKING_TOKEN_FILE")]
+    pub tracking_token_file: Option<std::path::PathBuf>,
+    /// YAML file of curated environments (`environments: {name: image}`);
+    /// default: the built-in catalog.
+    #[arg(long, env = "MLPLANE_ENVIRONMENT_CATALOG")]
+    pub environment_catalog: Option<std::path::PathBuf>,
 }
+
+const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// Runs the operator until a signal or the loss of leadership.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -65,6 +85,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let catalog = match &args.environment_catalog {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Catalog::from_yaml(&text).with_context(|| format!("environment catalog {}", path.display()))?
+        }
+        None => Catalog::builtin(),
+    };
+    let tracking = args.tracking_url.as_ref().map(|url| {
+        let token = match &args.tracking_token_file {
+            Some(f) => Token::File(f.clone()),
+            None if std::path::Path::new(IN_CLUSTER_TOKEN).exists() => Token::File(IN_CLUSTER_TOKEN.into()),
+            None => match config.auth_info.token.as_ref() {
+                Some(t) => Token::Static(secrecy::ExposeSecret::expose_secret(t).to_string()),
+                None => Token::None,
+            },
+        };
+        let operator_url = args.tracking_operator_url.clone().unwrap_or_else(|| url.clone());
+        TrackingClient::new(operator_url, token).with_run_url(url.clone())
+    });
     let client = counted_client(config, metrics.kube_requests.clone())?;
     check_crds(&client).await?;
 
@@ -110,6 +149,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         operator_namespace: args.namespace.clone(),
         concurrency: args.concurrency,
         resync: Duration::from_secs(args.resync_seconds),
+        tracking,
+        catalog,
     };
     let ctx = Context::new(client.clone(), metrics.clone(), settings, identity);
     let controllers = tokio::spawn(controllers::run_all(ctx, stop.clone()));

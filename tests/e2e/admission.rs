@@ -43,11 +43,21 @@ async fn dry_run_create(
     discovery: &Discovery,
     obj: &DynamicObject,
     ns: &str,
+    unique: bool,
 ) -> Result<(), kube::Error> {
-    // Namespaced objects go to the test's namespace whatever their manifest says.
+    // Namespaced objects go to the test's namespace whatever their manifest
+    // says; with `unique`, cluster-scoped ones get a unique name, so an object
+    // of the same name already in the cluster (e.g. from `make demo`) cannot
+    // interfere (not for invalid fixtures: a name may be what is invalid).
     let mut obj = obj.clone();
     obj.metadata.namespace = None;
-    let (api, _, _) = dynamic_api(client, discovery, &obj, Some(ns)).expect("kind is served");
+    let (api, _, caps) = dynamic_api(client, discovery, &obj, Some(ns)).expect("kind is served");
+    if unique
+        && caps.scope == kube::discovery::Scope::Cluster
+        && let Some(name) = obj.metadata.name.as_mut()
+    {
+        name.push_str(&format!("-{}", random_suffix()));
+    }
     api.create(
         &PostParams {
             dry_run: true,
@@ -81,7 +91,7 @@ async fn invalid_manifests_are_refused_naming_the_field() -> Result<()> {
             .trim()
             .to_string();
         for obj in docs(file)? {
-            match dry_run_create(&client, &discovery, &obj, &ns.name).await {
+            match dry_run_create(&client, &discovery, &obj, &ns.name, false).await {
                 Ok(()) => failures.push(format!("{}: accepted", file.display())),
                 Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
                     if !s.message.contains(&expect) {
@@ -131,7 +141,7 @@ async fn valid_fixtures_and_examples_are_accepted() -> Result<()> {
                 continue;
             }
             count += 1;
-            if let Err(e) = dry_run_create(&client, &discovery, &obj, &ns.name).await {
+            if let Err(e) = dry_run_create(&client, &discovery, &obj, &ns.name, true).await {
                 failures.push(format!("{} ({}): {e}", file.display(), obj.name_any()));
             }
         }

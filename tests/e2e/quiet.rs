@@ -1,19 +1,23 @@
 //! No hot loops: after convergence, an operator with a 5 s resync writes
 //! nothing to the API server in 30 idle seconds (Lease renewals aside),
 //! counted both by its own client metrics and by the API server's audit log.
+//! Converged objects: Workspaces, and Experiments with finished runs (a
+//! single run, a failed run and a grid sweep).
 
 use std::time::Duration;
 
 use anyhow::Result;
 use kube::api::{Api, DeleteParams, PostParams};
-use mlplane::api::Workspace;
+use mlplane::api::{Experiment, Workspace};
 use mlplane_test_support::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
     let client = admin_client().await?;
-    let op = Operator::start(&client, &["--resync-seconds", "5"]).await?;
+    // A lease of its own, so this operator leads whatever else runs.
+    let lease = format!("mlplane-quiet-{}", random_suffix());
+    let op = Operator::start(&client, &["--resync-seconds", "5", "--lease-name", &lease]).await?;
     let api: Api<Workspace> = Api::all(client.clone());
     let mut names = vec![];
     for i in 0..3 {
@@ -38,20 +42,46 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         })
         .await?;
     }
+    // Experiments in the first workspace, run to their end.
+    let exps: Api<Experiment> = Api::namespaced(client.clone(), &names[0]);
+    let base = json!({"environment": {"image": "python:3.12"}, "command": ["python", "train.py", "${{params.lr}}"],
+                      "params": {"lr": 0.1}, "podMetadata": {"annotations": {"sim.mlplane.io/duration": "1s"}}});
+    let mut failing = base.clone();
+    failing["podMetadata"]["annotations"]["sim.mlplane.io/exit-code"] = json!("2");
+    let mut sweep = base.clone();
+    sweep["sweep"] = json!({"algorithm": "Grid", "searchSpace": {"lr": {"choice": [0.1, 0.2, 0.3]}},
+                            "objective": {"metric": "accuracy", "goal": "Maximize"},
+                            "limits": {"maxConcurrentTrials": 2}});
+    for (name, spec, want) in [
+        ("single", base, "Succeeded"),
+        ("failing", failing, "Failed"),
+        ("sweep", sweep, "Succeeded"),
+    ] {
+        let exp: Experiment = serde_json::from_value(json!({
+            "apiVersion": "mlplane.io/v1alpha1", "kind": "Experiment", "metadata": {"name": name}, "spec": spec,
+        }))?;
+        exps.create(&PostParams::default(), &exp).await?;
+        wait_for(&exps, name, Duration::from_secs(90), want, |e| {
+            serde_json::to_value(&e.status).unwrap_or_default()["phase"] == want
+        })
+        .await?;
+    }
     // Let the last status writes and their watch events settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let since = k8s_openapi::jiff::Timestamp::now();
     let before = op.writes_excluding_leases()?;
     let reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
+    let exp_reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "Experiment")])?;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let after = op.writes_excluding_leases()?;
     let reconciles_after = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
+    let exp_reconciles = op.metric("mlplane_reconcile_total", &[("kind", "Experiment")])? - exp_reconciles_before;
     let audited = audited_writes(
         &format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"),
         since,
     )?;
     eprintln!(
-        "idle 30 s: {} reconciles, {} writes by client metrics, {} writes in the audit log",
+        "idle 30 s: {} Workspace and {exp_reconciles} Experiment reconciles, {} writes by client metrics, {} writes in the audit log",
         reconciles_after - reconciles_before,
         after - before,
         audited.len()
@@ -60,6 +90,7 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         reconciles_after - reconciles_before >= 3.0,
         "resyncs happened during the window"
     );
+    assert!(exp_reconciles >= 3.0, "Experiment resyncs happened during the window");
     assert_eq!(after - before, 0.0, "operator wrote while idle:\n{}", op.log_tail());
     assert!(audited.is_empty(), "audit log shows writes while idle: {audited:?}");
     for name in &names {

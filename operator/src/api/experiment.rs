@@ -91,6 +91,10 @@ pub struct ExperimentSpec {
     /// Labels and annotations added to every run pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_metadata: Option<PodMetadata>,
+    /// `true` cancels the active runs (history is kept) and starts no new
+    /// ones; back to `false` starts a new run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 /// Distributed training settings.

@@ -4,6 +4,8 @@
 //! what they share: the context, the error type with its metric category, the
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
+pub mod experiment;
+pub mod run;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -29,6 +31,10 @@ pub struct Settings {
     pub concurrency: u16,
     /// Requeue interval of a converged object (periodic resync).
     pub resync: Duration,
+    /// The tracking server (MLFLOW_TRACKING_URI of run pods), when configured.
+    pub tracking: Option<crate::tracking::client::TrackingClient>,
+    /// Curated environments (`environment: {name}`) -> images.
+    pub catalog: run::environment::Catalog,
 }
 
 /// State shared by all reconciles.
@@ -101,6 +107,8 @@ pub enum Error {
     Serialization(#[from] serde_json::Error),
     #[error("the stored object could not be read: {0}")]
     InvalidObject(String),
+    #[error("tracking server: {0}")]
+    Tracking(#[from] crate::tracking::client::ClientError),
 }
 
 impl Error {
@@ -112,6 +120,7 @@ impl Error {
             Error::Kube(_) => "kube_api",
             Error::Serialization(_) => "serialization",
             Error::InvalidObject(_) => "invalid_object",
+            Error::Tracking(_) => "tracking",
         }
     }
 }
@@ -166,5 +175,8 @@ pub fn watch_config() -> watcher::Config {
 
 /// Runs every controller until `stop` is cancelled.
 pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
-    tokio::join!(workspace::run(ctx.clone(), stop.clone().cancelled_owned()));
+    tokio::join!(
+        workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
+        experiment::run(ctx.clone(), stop.clone().cancelled_owned()),
+    );
 }

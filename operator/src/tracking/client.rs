@@ -43,25 +43,8 @@ pub struct ClientError {
     pub message: String,
 }
 
-/// An MLflow run's terminal status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunStatus {
-    Running,
-    Finished,
-    Failed,
-    Killed,
-}
-
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Running => "RUNNING",
-            RunStatus::Finished => "FINISHED",
-            RunStatus::Failed => "FAILED",
-            RunStatus::Killed => "KILLED",
-        }
-    }
-}
+/// An MLflow run status (the store's type: one definition of MLflow's enum).
+pub use super::store::RunStatus;
 
 /// A client of one tracking server.
 #[derive(Clone, Debug)]

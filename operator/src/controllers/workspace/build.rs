@@ -1,11 +1,13 @@
 //! Pure builders of a Workspace's children: the namespace, RoleBindings for
 //! members to the chart's ClusterRoles, ResourceQuota, LimitRange, the
-//! `mlplane-run` ServiceAccount, NetworkPolicy and artifacts PVC. No I/O.
+//! `mlplane-run` ServiceAccount and its token Secret `mlplane-run-token`
+//! (run pods' bearer token for the tracking API), NetworkPolicy and artifacts
+//! PVC. No I/O.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     LimitRange, LimitRangeItem, LimitRangeSpec, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    ResourceQuota, ResourceQuotaSpec, ServiceAccount, VolumeResourceRequirements,
+    ResourceQuota, ResourceQuotaSpec, Secret, ServiceAccount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
@@ -22,6 +24,11 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "mlplane";
 /// ServiceAccount that run pods use.
 pub const RUN_SERVICE_ACCOUNT: &str = "mlplane-run";
+/// Secret holding a long-lived token of [`RUN_SERVICE_ACCOUNT`] (filled by
+/// Kubernetes' token controller), key `token`: run pods' `MLFLOW_TRACKING_TOKEN`.
+pub const RUN_TOKEN_SECRET: &str = "mlplane-run-token";
+/// Annotation naming the ServiceAccount of a service-account-token Secret.
+pub const SERVICE_ACCOUNT_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
 /// Name of the artifacts PVC.
 pub const ARTIFACTS_PVC: &str = "mlplane-artifacts";
 /// Names of the ResourceQuota, LimitRange and NetworkPolicy.
@@ -58,6 +65,7 @@ pub struct Children {
     pub quota: Option<ResourceQuota>,
     pub limit_range: LimitRange,
     pub service_account: ServiceAccount,
+    pub run_token: Secret,
     pub network_policy: Option<NetworkPolicy>,
     pub pvc: Option<PersistentVolumeClaim>,
 }
@@ -223,12 +231,26 @@ pub fn build(ws: &Workspace, operator_namespace: &str) -> Children {
             ..Default::default()
         });
 
+    // Kubernetes' token controller fills `data.token` (and deletes the Secret
+    // if the ServiceAccount goes away).
+    let mut token_meta = meta(ws, RUN_TOKEN_SECRET, true);
+    token_meta.annotations = Some(BTreeMap::from([(
+        SERVICE_ACCOUNT_NAME_ANNOTATION.to_string(),
+        RUN_SERVICE_ACCOUNT.to_string(),
+    )]));
+    let run_token = Secret {
+        metadata: token_meta,
+        type_: Some("kubernetes.io/service-account-token".into()),
+        ..Default::default()
+    };
+
     Children {
         namespace,
         role_bindings,
         quota,
         limit_range,
         service_account,
+        run_token,
         network_policy,
         pvc,
     }
@@ -273,6 +295,17 @@ mod tests {
         assert!(c.quota.is_none());
         assert!(c.pvc.is_none());
         assert_eq!(c.service_account.metadata.name.as_deref(), Some(RUN_SERVICE_ACCOUNT));
+        assert_eq!(c.run_token.metadata.name.as_deref(), Some(RUN_TOKEN_SECRET));
+        assert_eq!(
+            c.run_token.type_.as_deref(),
+            Some("kubernetes.io/service-account-token")
+        );
+        assert_eq!(
+            c.run_token.metadata.annotations.as_ref().unwrap()[SERVICE_ACCOUNT_NAME_ANNOTATION],
+            RUN_SERVICE_ACCOUNT
+        );
+        assert!(c.run_token.data.is_none(), "the token controller fills the token");
+        assert!(c.run_token.metadata.owner_references.is_some());
         let owner = &c.service_account.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.controller), ("Workspace", Some(true)));
         let np = c.network_policy.expect("isolation on");

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, Secret, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -24,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use self::build::*;
-use super::apply::{FIELD_MANAGER, apply_if_changed, patch_status_if_changed};
+use super::apply::{apply_if_changed, patch_status_if_changed};
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::api::{
     DeletionPolicy, NewCondition, READY, Workspace, WorkspacePhase, WorkspaceStatus, WorkspaceUsage, set_condition,
@@ -62,6 +64,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .watches_stream(child_stream!(ResourceQuota), by_label)
         .watches_stream(child_stream!(LimitRange), by_label)
         .watches_stream(child_stream!(ServiceAccount), by_label)
+        .watches_stream(child_stream!(Secret), by_label)
         .watches_stream(child_stream!(NetworkPolicy), by_label)
         .watches_stream(child_stream!(PersistentVolumeClaim), by_label)
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
@@ -123,7 +126,7 @@ pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
     // The finalizer exists exactly when the policy is Delete.
     let want_finalizer = ws.spec.deletion_policy == DeletionPolicy::Delete;
     if want_finalizer != ws.finalizers().iter().any(|f| f == FINALIZER) {
-        set_finalizer(&workspaces, &name, want_finalizer).await?;
+        set_finalizer(&workspaces, ws, want_finalizer).await?;
     }
 
     // Dereference: the namespace must be free or already ours.
@@ -192,9 +195,22 @@ pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
     }
 
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
-    let live = get_opt(&sas, RUN_SERVICE_ACCOUNT).await?;
-    if apply_if_changed(&sas, live.as_ref(), &desired.service_account).await? {
+    let live_sa = get_opt(&sas, RUN_SERVICE_ACCOUNT).await?;
+    if apply_if_changed(&sas, live_sa.as_ref(), &desired.service_account).await? {
         changed.push(format!("ServiceAccount/{RUN_SERVICE_ACCOUNT}"));
+    }
+    // The token Secret only once the ServiceAccount existed before this
+    // reconcile: the token controller deletes a token Secret whose
+    // ServiceAccount is not in its cache yet (a race with a just-created one).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
+    let mut token_pending = false;
+    if live_sa.is_some() {
+        let live = get_opt(&secrets, RUN_TOKEN_SECRET).await?;
+        if apply_if_changed(&secrets, live.as_ref(), &desired.run_token).await? {
+            changed.push(format!("Secret/{RUN_TOKEN_SECRET}"));
+        }
+    } else {
+        token_pending = true;
     }
 
     let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns_name);
@@ -240,6 +256,9 @@ pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
     );
     patch_status_if_changed(&workspaces, &name, ws.status.as_ref(), &status).await?;
     ctx.reset_failures(&ws.uid().unwrap_or_default());
+    if token_pending {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -267,16 +286,24 @@ where
     Ok(())
 }
 
-/// Adds or removes the cleanup finalizer with server-side apply (the field
-/// manager owns only its own entry).
-async fn set_finalizer(api: &Api<Workspace>, name: &str, present: bool) -> Result<()> {
-    let finalizers: Vec<&str> = if present { vec![FINALIZER] } else { vec![] };
-    let body = serde_json::json!({
-        "apiVersion": Workspace::api_version(&()),
-        "kind": Workspace::kind(&()),
-        "metadata": {"name": name, "finalizers": finalizers},
-    });
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+/// Adds or removes the cleanup finalizer with a JSON patch that touches only
+/// that entry (other controllers' finalizers stay; a `test` op makes the
+/// removal fail rather than remove the wrong entry if the list changed).
+async fn set_finalizer(api: &Api<Workspace>, ws: &Workspace, present: bool) -> Result<()> {
+    let current = ws.finalizers();
+    let ops = match (present, current.iter().position(|f| f == FINALIZER)) {
+        (true, Some(_)) | (false, None) => return Ok(()),
+        (true, None) if current.is_empty() => serde_json::json!([
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ]),
+        (true, None) => serde_json::json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}]),
+        (false, Some(i)) => serde_json::json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+        ]),
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops)?;
+    api.patch(&ws.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
         .await?;
     Ok(())
 }
@@ -336,7 +363,7 @@ async fn finalize(
             }
         }
     }
-    set_finalizer(workspaces, &name, false).await?;
+    set_finalizer(workspaces, ws, false).await?;
     Ok(Action::await_change())
 }
 

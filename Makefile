@@ -82,9 +82,10 @@ unit: ## Unit tests only (no cluster needed)
 	cargo test -p mlplane
 
 .PHONY: bench
-bench: ## Benchmarks (release build): figures against a baseline measured in the same run
+bench: cluster ## Benchmarks (release build): figures against a baseline measured in the same run
 	cargo build --release -p mlplane -p mlplane-bench
 	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/tracking
+	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/experiments
 
 .PHONY: test
 test: cluster ## Start the local cluster if needed and run every test

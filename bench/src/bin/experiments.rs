@@ -1,0 +1,217 @@
+//! Experiment benchmark on the local cluster (`make cluster` first; `make
+//! bench` does): create 1,000 Experiments and time until all 1,000 run Jobs
+//! exist, against the same client creating 1,000 Jobs directly (baseline, same
+//! concurrency); the operator's peak RSS; its API writes during 60 idle seconds
+//! after convergence; CPU time per reconcile. Goals: at least 0.8 of the
+//! direct rate, under 64 MiB, 0 writes.
+//!
+//! The operator runs as the chart's ServiceAccount (release build via
+//! MLPLANE_BIN), without a tracking server, on its own Lease.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, stream};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use mlplane_test_support::*;
+use serde_json::json;
+
+const N: usize = 1_000;
+const CONCURRENCY: usize = 16;
+
+fn experiment(name: &str) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "mlplane.io/v1alpha1",
+        "kind": "Experiment",
+        "metadata": {"name": name},
+        "spec": {
+            "environment": {"image": "python:3.12-slim"},
+            "command": ["python", "train.py", "--lr", "${{params.lr}}"],
+            "params": {"lr": 0.01},
+            "resources": {"cpu": "10m", "memory": "16Mi"},
+            "podMetadata": {"annotations": {"sim.mlplane.io/duration": "1h"}},
+        },
+    }))
+    .expect("experiment")
+}
+
+fn job(name: &str) -> Job {
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {
+            "metadata": {"annotations": {"sim.mlplane.io/duration": "1h"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "python:3.12-slim",
+                "command": ["python", "train.py", "--lr", "0.01"],
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}},
+    }))
+    .expect("job")
+}
+
+fn proc_stat(pid: u32) -> (f64, u64) {
+    let ticks = 100.0; // CLK_TCK on Linux
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (cpu / ticks, hwm_kib)
+}
+
+async fn count_jobs(api: &Api<Job>, labels: &str) -> Result<usize> {
+    Ok(api
+        .list_metadata(&ListParams::default().labels(labels))
+        .await?
+        .items
+        .len())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let admin = admin_client()
+        .await
+        .context("the local cluster must be up (make cluster)")?;
+    install_chart()?;
+    println!("experiment benchmark: {N} Experiments vs {N} Jobs created directly, {CONCURRENCY} requests in flight");
+
+    // Baseline: the same client creates the Jobs itself.
+    let direct = TestNamespace::create(&admin, "bench-direct").await?;
+    let jobs: Api<Job> = direct.api();
+    let start = Instant::now();
+    let results: Vec<Result<Job, kube::Error>> = stream::iter(0..N)
+        .map(|i| {
+            let jobs = jobs.clone();
+            async move { jobs.create(&PostParams::default(), &job(&format!("direct-{i}"))).await }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let direct_secs = start.elapsed().as_secs_f64();
+
+    // The operator, then the Experiments.
+    let lease = format!("bench-{}", random_suffix());
+    let op = Operator::start(&admin, &["--lease-name", &lease]).await?;
+    let pid = op.child.id();
+    let ws = format!("bench-exp-{}", random_suffix());
+    let wsapi: Api<mlplane::api::Workspace> = Api::all(admin.clone());
+    wsapi
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": ws}, "spec": {}}),
+            )?,
+        )
+        .await?;
+    wait_for(&wsapi, &ws, Duration::from_secs(60), "Workspace Ready", |w| {
+        w.status.as_ref().is_some_and(|s| mlplane::api::is_ready(&s.conditions))
+    })
+    .await?;
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("mlplane.io", "v1alpha1", "Experiment"),
+        "experiments",
+    );
+    let exps: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ws, &ar);
+    let run_jobs: Api<Job> = Api::namespaced(admin.clone(), &ws);
+    let (cpu0, _) = proc_stat(pid);
+    let rec0 = op.metric("mlplane_reconcile_total", &[])?;
+    let start = Instant::now();
+    let results: Vec<Result<DynamicObject, kube::Error>> = stream::iter(0..N)
+        .map(|i| {
+            let exps = exps.clone();
+            async move {
+                exps.create(&PostParams::default(), &experiment(&format!("exp-{i}")))
+                    .await
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let created_secs = start.elapsed().as_secs_f64();
+    let labels = "app.kubernetes.io/managed-by=mlplane";
+    loop {
+        let n = count_jobs(&run_jobs, labels).await?;
+        if n >= N {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(900) {
+            anyhow::bail!("only {n} of {N} Jobs after 900 s; operator log:\n{}", op.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exp_secs = start.elapsed().as_secs_f64();
+
+    // Convergence: wait until the operator's writes stop changing for 10 s.
+    let mut last = op.writes_excluding_leases()?;
+    let mut stable_since = Instant::now();
+    while stable_since.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let w = op.writes_excluding_leases()?;
+        if w != last {
+            last = w;
+            stable_since = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(1200) {
+            break;
+        }
+    }
+    let (cpu1, _) = proc_stat(pid);
+    let rec1 = op.metric("mlplane_reconcile_total", &[])?;
+    let idle_w0 = op.writes_excluding_leases()?;
+    let idle_r0 = op.metric("mlplane_reconcile_total", &[])?;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let idle_writes = op.writes_excluding_leases()? - idle_w0;
+    let idle_reconciles = op.metric("mlplane_reconcile_total", &[])? - idle_r0;
+    let (_, hwm_kib) = proc_stat(pid);
+
+    let direct_rate = N as f64 / direct_secs;
+    let exp_rate = N as f64 / exp_secs;
+    let ratio = exp_rate / direct_rate;
+    let cpu_per_reconcile_ms = (cpu1 - cpu0) * 1000.0 / (rec1 - rec0).max(1.0);
+    println!("{:<44} {:>10}", "measure", "value");
+    println!("{:<44} {:>10.2}", "direct: seconds for 1000 Jobs", direct_secs);
+    println!("{:<44} {:>10.1}", "direct: Jobs/s", direct_rate);
+    println!(
+        "{:<44} {:>10.2}",
+        "mlplane: seconds to create 1000 Experiments", created_secs
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "mlplane: seconds until all 1000 Jobs exist", exp_secs
+    );
+    println!("{:<44} {:>10.1}", "mlplane: Jobs/s", exp_rate);
+    println!("{:<44} {:>10.0}", "reconciles while creating", rec1 - rec0);
+    println!("{:<44} {:>10.3}", "CPU ms per reconcile", cpu_per_reconcile_ms);
+    println!("{:<44} {:>10.1}", "operator peak RSS (MiB)", hwm_kib as f64 / 1024.0);
+    println!(
+        "{:<44} {:>10.0}",
+        "writes in 60 idle s (Lease renewals aside)", idle_writes
+    );
+    println!("{:<44} {:>10.0}", "reconciles in those 60 idle s", idle_reconciles);
+    println!(
+        "rate mlplane/direct = {ratio:.2} (goal >= 0.8: {}); peak RSS {:.1} MiB (goal < 64: {}); idle writes {idle_writes} (goal 0: {})",
+        if ratio >= 0.8 { "met" } else { "NOT met" },
+        hwm_kib as f64 / 1024.0,
+        if hwm_kib < 64 * 1024 { "met" } else { "NOT met" },
+        if idle_writes == 0.0 { "met" } else { "NOT met" },
+    );
+
+    let _ = wsapi.delete(&ws, &DeleteParams::default()).await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .delete(&ws, &DeleteParams::default())
+        .await;
+    drop(direct);
+    drop(op);
+    Ok(())
+}

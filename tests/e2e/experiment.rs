@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use mlplane::api::{Experiment, Workspace};
+use mlplane::api::Experiment;
 use mlplane_test_support::*;
 use serde_json::{Value, json};
 
@@ -104,17 +104,7 @@ async fn workspace(admin: &Client, prefix: &str) -> Result<Ws> {
     // Every test needs the operator (and the chart's RBAC) up first.
     let _ = fixture();
     let name = format!("{prefix}-{}", random_suffix());
-    let api: Api<Workspace> = Api::all(admin.clone());
-    let ws: Workspace = serde_json::from_value(json!({
-        "apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": name},
-        "spec": {"deletionPolicy": "Delete"},
-    }))?;
-    api.create(&PostParams::default(), &ws).await?;
-    wait_for(&api, &name, Duration::from_secs(60), "Workspace Ready", |w| {
-        let s = serde_json::to_value(&w.status).unwrap_or_default();
-        condition(&s, "Ready").is_some_and(|c| c["status"] == "True")
-    })
-    .await?;
+    create_ready_workspace(admin, &name, json!({"deletionPolicy": "Delete"})).await?;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &name);
     let secret = wait_for(
         &secrets,

@@ -6,26 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use mlplane::api::Workspace;
 use mlplane_test_support::*;
 use serde_json::json;
 
 const LEASE_SECONDS: u64 = 6;
-
-async fn ready_workspace(client: &kube::Client, name: &str) -> Result<()> {
-    let api: Api<Workspace> = Api::all(client.clone());
-    let ws: Workspace = serde_json::from_value(json!({
-        "apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": name}, "spec": {}
-    }))?;
-    api.create(&PostParams::default(), &ws).await?;
-    wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", |w| {
-        let s = serde_json::to_value(&w.status).unwrap_or_default();
-        condition(&s, "Ready").is_some_and(|c| c["status"] == "True")
-    })
-    .await?;
-    Ok(())
-}
 
 async fn cleanup(client: &kube::Client, name: &str) {
     let _ = Api::<Workspace>::all(client.clone())
@@ -56,7 +42,7 @@ async fn standby_takes_over_within_the_lease_duration() -> Result<()> {
     );
 
     let first = format!("ws-lead-a-{}", random_suffix());
-    ready_workspace(&client, &first).await?;
+    create_ready_workspace(&client, &first, json!({})).await?;
     assert_eq!(b.writes_excluding_leases()?, 0.0, "the standby writes nothing");
 
     // Crash the leader: the standby leads within the lease duration.
@@ -73,7 +59,7 @@ async fn standby_takes_over_within_the_lease_duration() -> Result<()> {
         "takeover took {takeover:?}"
     );
     let second = format!("ws-lead-b-{}", random_suffix());
-    ready_workspace(&client, &second).await?;
+    create_ready_workspace(&client, &second, json!({})).await?;
 
     // A graceful stop releases the Lease (no holder left behind); the new
     // replica takes it at its next check, within the lease duration.

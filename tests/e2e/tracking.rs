@@ -108,20 +108,6 @@ async fn conformance_on_postgresql() -> Result<()> {
     conformance(Some(&pg.url))
 }
 
-async fn ready_workspace(client: &kube::Client, name: &str, spec: Value) -> Result<()> {
-    let api: Api<Workspace> = Api::all(client.clone());
-    let ws: Workspace = serde_json::from_value(json!({
-        "apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": name}, "spec": spec,
-    }))?;
-    api.create(&PostParams::default(), &ws).await?;
-    wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", |w| {
-        let s = serde_json::to_value(&w.status).unwrap_or_default();
-        condition(&s, "Ready").is_some_and(|c| c["status"] == "True")
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn tokens_confine_run_pods_to_their_workspace_and_users_to_rbac() -> Result<()> {
     let admin = admin_client().await?;
@@ -139,13 +125,13 @@ async fn tokens_confine_run_pods_to_their_workspace_and_users_to_rbac() -> Resul
             &serde_json::from_value(json!({"metadata": {"name": "analyst"}}))?,
         )
         .await?;
-    ready_workspace(
+    create_ready_workspace(
         &admin,
         &wa,
         json!({"members": [{"kind": "ServiceAccount", "name": "analyst", "namespace": tools_ns.name, "role": "Reader"}]}),
     )
     .await?;
-    ready_workspace(&admin, &wb, json!({})).await?;
+    create_ready_workspace(&admin, &wb, json!({})).await?;
 
     // The tracking server authenticates as the chart's tracking ServiceAccount,
     // so it has exactly the chart's RBAC (TokenReview, SubjectAccessReview).

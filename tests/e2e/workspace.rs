@@ -30,17 +30,8 @@ fn workspace(name: &str, spec: serde_json::Value) -> Workspace {
     .expect("valid Workspace")
 }
 
-fn ready(ws: &Workspace) -> bool {
-    let status = serde_json::to_value(&ws.status).unwrap_or_default();
-    condition(&status, "Ready").is_some_and(|c| c["status"] == "True")
-        && ws.status.as_ref().and_then(|s| s.observed_generation) == ws.metadata.generation
-}
-
 async fn create_ready(client: &kube::Client, ws: Workspace) -> Result<Workspace> {
-    let api: Api<Workspace> = Api::all(client.clone());
-    let name = ws.name_any();
-    api.create(&PostParams::default(), &ws).await?;
-    wait_for(&api, &name, T, "Workspace Ready", ready).await
+    create_ready_workspace(client, &ws.name_any(), serde_json::to_value(&ws.spec)?).await
 }
 
 /// Deletes a workspace at the end of a test; with Retain its namespace too.
@@ -138,7 +129,7 @@ async fn workspace_children_follow_the_spec() -> Result<()> {
         "networkIsolation": false,
     }});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    wait_for(&api, &name, T, "Workspace Ready at the new generation", ready).await?;
+    wait_for(&api, &name, T, "Workspace Ready at the new generation", workspace_ready).await?;
     let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &name);
     eventually(T, "reader binding and network policy removed", || async {
         let gone = rbs.get_opt("mlplane-reader").await?.is_none() && nps.get_opt("mlplane-isolation").await?.is_none();
@@ -330,7 +321,7 @@ async fn delete_policy_removes_the_namespace() -> Result<()> {
         w.finalizers().iter().any(|f| f == "mlplane.io/workspace-cleanup")
     })
     .await?;
-    assert!(ready(&ws));
+    assert!(workspace_ready(&ws));
     api.delete(&name, &DeleteParams::default()).await?;
     wait_deleted(&api, &name, Duration::from_secs(90)).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -958,3 +958,24 @@ impl Mlflow {
         .map(|_| ())
     }
 }
+
+/// Whether a Workspace reports Ready=True for its current generation.
+pub fn workspace_ready(ws: &mlplane::api::Workspace) -> bool {
+    ws.status
+        .as_ref()
+        .is_some_and(|s| mlplane::api::is_ready(&s.conditions) && s.observed_generation == ws.metadata.generation)
+}
+
+/// Creates the Workspace `name` with `spec` and waits until it is Ready.
+pub async fn create_ready_workspace(
+    client: &Client,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<mlplane::api::Workspace> {
+    let api: Api<mlplane::api::Workspace> = Api::all(client.clone());
+    let ws: mlplane::api::Workspace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mlplane.io/v1alpha1", "kind": "Workspace", "metadata": {"name": name}, "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &ws).await?;
+    wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", workspace_ready).await
+}

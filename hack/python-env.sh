@@ -7,6 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${MLPLANE_VENV:-$root/.venv}
 req=$root/tests/tracking/requirements.txt
 stamp=$venv/.installed-$(sha256sum "$req" | cut -c1-16)
+# Tests run in parallel: one creates the venv while the others wait.
+exec 9>"$venv.lock"
+flock 9
 if [[ ! -f $stamp ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2

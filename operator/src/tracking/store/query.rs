@@ -749,33 +749,25 @@ pub async fn load_run_data(pool: &AnyPool, backend: Backend, infos: Vec<RunInfo>
             sql.push(tail);
             sql
         };
-        let rows = in_list(
-            "SELECT run_id, key, value FROM params WHERE run_id IN ",
-            " ORDER BY seq",
-        )
-        .query()
-        .fetch_all(pool)
-        .await?;
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            runs[index[&id]].params.push(KeyValue::new(
-                row.try_get::<String, _>(1)?,
-                row.try_get::<String, _>(2)?,
-            ));
-        }
-        let rows = in_list(
-            "SELECT run_id, key, value FROM run_tags WHERE run_id IN ",
-            " ORDER BY seq",
-        )
-        .query()
-        .fetch_all(pool)
-        .await?;
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            runs[index[&id]].tags.push(KeyValue::new(
-                row.try_get::<String, _>(1)?,
-                row.try_get::<String, _>(2)?,
-            ));
+        // Params and tags: the same (run_id, key, value) rows from two tables.
+        for (table, is_params) in [("params", true), ("run_tags", false)] {
+            let rows = in_list(
+                &format!("SELECT run_id, key, value FROM {table} WHERE run_id IN "),
+                " ORDER BY seq",
+            )
+            .query()
+            .fetch_all(pool)
+            .await?;
+            for row in rows {
+                let id: String = row.try_get(0)?;
+                let kv = KeyValue::new(row.try_get::<String, _>(1)?, row.try_get::<String, _>(2)?);
+                let run = &mut runs[index[&id]];
+                if is_params {
+                    run.params.push(kv)
+                } else {
+                    run.tags.push(kv)
+                }
+            }
         }
         let rows = in_list(
             "SELECT run_id, key, value, timestamp, step, is_nan FROM latest_metrics WHERE run_id IN ",

@@ -177,6 +177,6 @@ pub fn watch_config() -> watcher::Config {
 pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
     tokio::join!(
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
-        experiment::run(ctx.clone(), stop.clone().cancelled_owned()),
+        experiment::run(ctx.clone(), stop.clone()),
     );
 }

@@ -5,6 +5,7 @@
 //! Run Jobs are built by [`crate::controllers::run::build`]; the I/O driver
 //! is [`reconcile`].
 pub mod early_termination;
+pub mod observe;
 pub mod reconcile;
 pub mod status;
 pub mod sweep;

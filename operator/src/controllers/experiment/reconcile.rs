@@ -6,8 +6,13 @@
 //! Owns: run Jobs (and headless Services) labelled `mlplane.io/experiment`,
 //! and the MLflow runs of those runs. Must not touch anything else.
 //!
-//! Restart safety: everything is derived from the Jobs, listed by label with
-//! a consistent read. A run's Job carries its index, trial, generation, spec
+//! Reads come from watch caches ([`super::observe`]): a reconcile that has
+//! nothing to change sends no request at all. The one exception is the end
+//! of a failed run, whose cause is read from a fresh list of its pods.
+//!
+//! Restart safety: everything is derived from the Jobs, as the Job cache
+//! holds them after its first (consistent) list, with this process's own
+//! writes laid over until the watch shows them. A run's Job carries its index, trial, generation, spec
 //! hash, rerun token, parameters and MLflow run id; names are deterministic
 //! and Jobs are only ever created (AlreadyExists means found), so a restarted
 //! operator recomputes the same next run and never duplicates a Job. When a
@@ -15,34 +20,35 @@
 //! the annotation [`RESULT_ANNOTATION`]; that patch is the "end transition"
 //! (event, metrics, MLflow status), so each happens once per run even when
 //! the run has dropped out of the bounded `status.runs`.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, SecretKeySelector, Service};
+use k8s_openapi::api::core::v1::{Pod, SecretKeySelector, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::early_termination::{EARLY_TERMINATED, TrialCurve, decide};
+use super::observe::{Caches, Expect, caches, drive};
 use super::status::{
     CANCEL_ANNOTATION, HISTORY_LIMIT, RunState, SUSPENDED, best_run, bound_history, cancel_patch, finish_time,
-    run_state, start_time, sweep_phase,
+    holds_resources, run_state, start_time, sweep_phase,
 };
 use super::sweep::{merge_params, next_trials, seed, trial_limits, trial_params};
 use super::validate::{GENERATION_ANNOTATION, RUN_INDEX_LABEL, RunInputs, TRIAL_LABEL, run_spec, validate};
-use crate::api::{ComputeCluster, Experiment, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
+use crate::api::{Experiment, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
 use crate::controllers::apply::patch_status_if_changed;
-use crate::controllers::run::build::{EXPERIMENT_LABEL, JOB_NAME_LABEL, Tracking, build_run};
-use crate::controllers::run::names::label_value;
+use crate::controllers::run::build::{RUN_LABEL, Tracking, build_run};
 use crate::controllers::workspace::build::RUN_TOKEN_SECRET;
 use crate::controllers::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::tracking::client::RunStatus as TrackingStatus;
@@ -69,24 +75,45 @@ const BLOCKED_POLL: Duration = Duration::from_secs(15);
 /// Requeue while trials are evaluated for early termination.
 const EARLY_TERMINATION_POLL: Duration = Duration::from_secs(2);
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+/// The Experiment controller's context: the shared one plus its caches.
+pub struct ExperimentContext {
+    pub base: Arc<Context>,
+    pub caches: Caches,
+}
+
+impl std::ops::Deref for ExperimentContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.base
+    }
+}
+
+/// Runs the controller until `stop` is cancelled.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Experiment>>::all(client.clone()), watch_config());
-    // Owned Jobs, metadata only (every change of a Job, status included,
-    // changes its resourceVersion and so reaches the owner).
-    let jobs = watcher(
-        Api::<PartialObjectMeta<Job>>::all(client.clone()),
-        watcher::Config::default().labels(EXPERIMENT_LABEL).timeout(200),
-    )
-    .default_backoff()
-    .modify(|j| j.managed_fields_mut().clear())
-    .touched_objects();
+    let (caches, streams) = caches(&client);
+    let ectx = Arc::new(ExperimentContext { base: ctx, caches });
+    // Namespaces and ComputeClusters only fill caches: they trigger nothing
+    // (a missing ComputeCluster is polled for, see BLOCKED_POLL).
+    tokio::spawn(drive(streams.namespaces, stop.clone(), "namespaces"));
+    tokio::spawn(drive(streams.clusters, stop.clone(), "computeclusters"));
+    let ready = ectx.clone();
+    tokio::spawn(async move { ready.caches.watch_ready().await });
+    // Every change of a run Job (status included) reaches its Experiment by
+    // ownerReference; a pod's, through the Job it belongs to.
+    let pod_owner = ectx.clone();
     Controller::for_stream(stream, store)
-        .owns_stream(jobs)
-        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile_guarded, guarded_error_policy, ctx)
+        .owns_stream(streams.jobs)
+        .watches_stream(streams.pods, move |pod| {
+            pod_owner
+                .caches
+                .owner_of_pod(&pod)
+                .map(|r| ObjectRef::new(&r.name).within(r.namespace.as_deref().unwrap_or_default()))
+        })
+        .with_config(kube::runtime::controller::Config::default().concurrency(ectx.settings.concurrency))
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(reconcile_guarded, guarded_error_policy, ectx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "experiment controller stream error");
@@ -95,7 +122,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-async fn reconcile_guarded(obj: Arc<DeserializeGuard<Experiment>>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile_guarded(obj: Arc<DeserializeGuard<Experiment>>, ctx: Arc<ExperimentContext>) -> Result<Action> {
     match &obj.0 {
         Ok(exp) => reconcile(exp, &ctx).await,
         Err(invalid) => {
@@ -109,7 +136,7 @@ async fn reconcile_guarded(obj: Arc<DeserializeGuard<Experiment>>, ctx: Arc<Cont
     }
 }
 
-fn guarded_error_policy(obj: Arc<DeserializeGuard<Experiment>>, err: &Error, ctx: Arc<Context>) -> Action {
+fn guarded_error_policy(obj: Arc<DeserializeGuard<Experiment>>, err: &Error, ctx: Arc<ExperimentContext>) -> Action {
     match &obj.0 {
         Ok(exp) => error_policy(exp, err, &ctx),
         Err(_) => Action::await_change(),
@@ -261,7 +288,7 @@ impl TrackingCtx<'_> {
 }
 
 /// One reconcile of an Experiment.
-pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
+pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     if exp.metadata.deletion_timestamp.is_some() {
         // Jobs go with the ownerReference cascade; tracking history stays.
@@ -280,15 +307,13 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
         id: None,
     });
 
-    // Observe: the experiment's Jobs (consistent list) and, while some run is
-    // unrecorded, their pods.
-    let selector = format!("{EXPERIMENT_LABEL}={}", label_value(&name));
-    let mut observed: Vec<Observed> = jobs_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
+    // Observe, from the watch caches: the experiment's Jobs and, while some
+    // run is unrecorded, their pods.
+    ctx.caches.ready().await;
+    let mut observed: Vec<Observed> = ctx
+        .caches
+        .jobs_of(&ns, &name, &uid)
         .into_iter()
-        .filter(|j| j.owner_references().iter().any(|o| o.uid == uid))
         .filter_map(|job| {
             let index = job.labels().get(RUN_INDEX_LABEL)?.parse().ok()?;
             let trial = job.labels().get(TRIAL_LABEL).and_then(|t| t.parse().ok());
@@ -305,16 +330,15 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
             })
         })
         .collect();
-    if observed.iter().any(|o| o.result.is_none()) {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let mut by_job: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in pods.list(&ListParams::default().labels(&selector)).await?.items {
-            if let Some(j) = p.labels().get(JOB_NAME_LABEL).cloned() {
-                by_job.entry(j).or_default().push(p);
-            }
-        }
+    let unrecorded: Vec<String> = observed
+        .iter()
+        .filter(|o| o.result.is_none())
+        .map(Observed::name)
+        .collect();
+    if !unrecorded.is_empty() {
+        let by_run = ctx.caches.pods_of(&ns, &unrecorded);
         for o in observed.iter_mut().filter(|o| o.result.is_none()) {
-            let pods = by_job.get(&o.name()).map(Vec::as_slice).unwrap_or(&[]);
+            let pods = by_run.get(&o.name()).map(Vec::as_slice).unwrap_or(&[]);
             o.state = Some(run_state(&o.job, pods));
         }
     }
@@ -336,7 +360,7 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
         .map(|e| (e.reason.to_string(), e.message));
     if blocked.is_none()
         && let Some(cc) = &exp.spec.compute
-        && Api::<ComputeCluster>::all(client.clone()).get_opt(cc).await?.is_none()
+        && !ctx.caches.cluster_exists(cc)
     {
         blocked = Some((
             COMPUTE_CLUSTER_NOT_FOUND.into(),
@@ -384,7 +408,7 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
         );
         // A namespace being deleted loses its Jobs first: that is no reason
         // to start runs again (and creating anything there is refused).
-        if new_run && namespace_terminating(client, &ns).await? {
+        if new_run && ctx.caches.namespace_terminating(&ns) {
             return Ok(Action::await_change());
         }
         if new_run {
@@ -417,7 +441,7 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
                     .map(|t| t as u64 + 1)
                     .max()
                     .unwrap_or(0);
-                let active = trials.iter().filter(|o| o.active()).count() as u64;
+                let active = trials.iter().filter(|o| o.active() || holds_resources(&o.job)).count() as u64;
                 let k = next_trials(started, active, &limits);
                 let seed = seed(sweep, &uid);
                 for n in started..started + k {
@@ -561,14 +585,6 @@ pub async fn reconcile(exp: &Experiment, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue))
 }
 
-/// Whether the namespace is gone or being deleted.
-async fn namespace_terminating(client: &kube::Client, ns: &str) -> Result<bool> {
-    Ok(Api::<Namespace>::all(client.clone())
-        .get_opt(ns)
-        .await?
-        .is_none_or(|n| n.metadata.deletion_timestamp.is_some()))
-}
-
 /// Ready and its reason from the latest run.
 fn ready_condition(phase: RunPhase, latest: &[&Observed], suspend: bool) -> (bool, String, String) {
     let names = latest.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ");
@@ -605,7 +621,7 @@ fn ready_condition(phase: RunPhase, latest: &[&Observed], suspend: bool) -> (boo
 /// Cancels an active run: `suspend: true` plus the cancel annotation on its Job.
 async fn cancel(
     exp: &Experiment,
-    ctx: &Context,
+    ctx: &ExperimentContext,
     jobs: &Api<Job>,
     o: &mut Observed,
     reason: &str,
@@ -621,6 +637,7 @@ async fn cancel(
             &Patch::Merge(cancel_patch(reason, message)),
         )
         .await?;
+    ctx.caches.overlay.record(&job, Expect::Annotation(CANCEL_ANNOTATION));
     o.job = job;
     o.state = Some(RunState {
         phase: RunPhase::Cancelled,
@@ -646,7 +663,23 @@ async fn cancel(
 
 /// Records the end of a run: final metrics from the tracking store, the MLflow
 /// status, the event and metrics, then the result annotation on the Job.
-async fn record_end(exp: &Experiment, ctx: &Context, jobs: &Api<Job>, o: &mut Observed, state: RunState) -> Result<()> {
+async fn record_end(
+    exp: &Experiment,
+    ctx: &ExperimentContext,
+    jobs: &Api<Job>,
+    o: &mut Observed,
+    state: RunState,
+) -> Result<()> {
+    // The cause of a failure is read from the pods as they are now, not as
+    // the pod cache last saw them: it is recorded once.
+    let state = if state.phase == RunPhase::Failed {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
+        let selector = format!("{RUN_LABEL}={}", o.name());
+        let pods = pods.list(&ListParams::default().labels(&selector)).await?.items;
+        run_state(&o.job, &pods)
+    } else {
+        state
+    };
     let end = finish_time(&o.job).unwrap_or_else(now_seconds);
     let start = start_time(&o.job).or_else(|| o.job.metadata.creation_timestamp.clone());
     let mut metrics = BTreeMap::new();
@@ -683,6 +716,7 @@ async fn record_end(exp: &Experiment, ctx: &Context, jobs: &Api<Job>, o: &mut Ob
     o.job = jobs
         .patch(&o.name(), &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    ctx.caches.overlay.record(&o.job, Expect::Annotation(RESULT_ANNOTATION));
     let phase = format!("{:?}", state.phase);
     ctx.metrics.runs.with_label_values(&[KIND, &phase]).inc();
     if let Some(s) = &start {
@@ -717,7 +751,7 @@ async fn record_end(exp: &Experiment, ctx: &Context, jobs: &Api<Job>, o: &mut Ob
 #[allow(clippy::too_many_arguments)]
 async fn start_run(
     exp: &Experiment,
-    ctx: &Context,
+    ctx: &ExperimentContext,
     jobs: &Api<Job>,
     tracking: &mut Option<TrackingCtx<'_>>,
     index: u64,
@@ -821,6 +855,7 @@ async fn start_run(
         Err(e) if is_already_exists(&e) => jobs.get(&run_name).await?,
         Err(e) => return Err(e.into()),
     };
+    ctx.caches.overlay.record(&job, Expect::Exists);
     Ok(Ok(Observed {
         state: Some(RunState {
             phase: RunPhase::Pending,

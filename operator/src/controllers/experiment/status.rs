@@ -106,6 +106,16 @@ fn true_condition<'a>(job: &'a Job, types: &[&str]) -> Option<&'a JobCondition> 
         .find(|c| c.status == "True" && types.contains(&c.type_.as_str()))
 }
 
+/// Whether a run's Job may still have pods holding resources: it is neither
+/// suspended nor `Complete`/`Failed`. The outcome is known earlier (Kubernetes
+/// sets `SuccessCriteriaMet`/`FailureTarget` first and the terminal condition
+/// only once every pod has terminated), so a finished run can still hold its
+/// GPUs for a moment: sweeps count it against `maxConcurrentTrials` until then.
+pub fn holds_resources(job: &Job) -> bool {
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+    !suspended && true_condition(job, &["Complete", "Failed"]).is_none()
+}
+
 /// When the run started (the Job's `startTime`, reset when it is resumed).
 pub fn start_time(job: &Job) -> Option<Time> {
     job.status.as_ref()?.start_time.clone()
@@ -512,6 +522,20 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_run_holds_resources_until_its_job_is_complete_or_failed() {
+        let cond = |t: &str| json!({"conditions": [{"type": t, "status": "True"}]});
+        assert!(holds_resources(&job(json!({"active": 1}))));
+        // Outcome known, pods still terminating.
+        assert!(holds_resources(&job(cond("SuccessCriteriaMet"))));
+        assert!(holds_resources(&job(cond("FailureTarget"))));
+        assert!(!holds_resources(&job(cond("Complete"))));
+        assert!(!holds_resources(&job(cond("Failed"))));
+        let mut suspended = job(json!({}));
+        suspended.spec.as_mut().unwrap().suspend = Some(true);
+        assert!(!holds_resources(&suspended));
     }
 
     fn with(mut j: Job, f: impl FnOnce(&mut Job)) -> Job {

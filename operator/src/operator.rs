@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// the in-cluster ServiceAccount token, else the kubeconfig's token).
     #[arg(long, env = "MLPLANE_TRACKING_TOKEN_FILE")]
     pub tracking_token_file: Option<std::path::PathBuf>,
+    /// The operator's own image, run by init containers that fetch data and
+    /// models (`mlplane fetch`). The chart sets it to the image it deploys.
+    #[arg(long, env = "MLPLANE_IMAGE", default_value = concat!("ghcr.io/mlplane/mlplane:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
     /// YAML file of curated environments (`environments: {name: image}`);
     /// default: the built-in catalog.
     #[arg(long, env = "MLPLANE_ENVIRONMENT_CATALOG")]
@@ -151,6 +155,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds),
         tracking,
         catalog,
+        image: args.image.clone(),
     };
     let ctx = Context::new(client.clone(), metrics.clone(), settings, identity);
     let controllers = tokio::spawn(controllers::run_all(ctx, stop.clone()));

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
+use mlplane::controllers::run::environment::Catalog;
 use mlplane_test_support::*;
 
 #[tokio::test]
@@ -41,6 +43,58 @@ async fn chart_installs_and_the_operator_deployment_is_available() -> Result<()>
             .arg(repo_root().join("charts/mlplane")),
     )?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn installed_environment_catalog_is_the_one_the_operator_reads() -> Result<()> {
+    install_chart()?;
+    let client = admin_client().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let cm = cms.get(&format!("{RELEASE}-catalogs")).await?;
+    let text = cm
+        .data
+        .unwrap_or_default()
+        .remove("environments.yaml")
+        .unwrap_or_default();
+    // The operator parses the file with this same function at start.
+    let catalog = Catalog::from_yaml(&text)?;
+    assert_eq!(
+        catalog.environments["pytorch-2-5-cuda12"],
+        "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+    );
+    assert_eq!(
+        catalog,
+        Catalog::builtin(),
+        "the chart ships the built-in catalog by default"
+    );
+    // The operator Deployment points MLPLANE_ENVIRONMENT_CATALOG at the mounted file.
+    let deployments: Api<Deployment> = Api::namespaced(client, OPERATOR_NAMESPACE);
+    let spec = deployments.get(RELEASE).await?.spec.unwrap().template.spec.unwrap();
+    let c = &spec.containers[0];
+    let env = c.env.clone().unwrap_or_default();
+    let path = env
+        .iter()
+        .find(|e| e.name == "MLPLANE_ENVIRONMENT_CATALOG")
+        .and_then(|e| e.value.clone())
+        .expect("MLPLANE_ENVIRONMENT_CATALOG");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.starts_with(&m.mount_path))
+        .expect("the catalog file is on a mounted volume");
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("volume");
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some(cm.metadata.name.as_deref().unwrap())
+    );
+    assert!(path.ends_with("/environments.yaml"));
     Ok(())
 }
 

@@ -35,6 +35,8 @@ pub struct Settings {
     pub tracking: Option<crate::tracking::client::TrackingClient>,
     /// Curated environments (`environment: {name}`) -> images.
     pub catalog: run::environment::Catalog,
+    /// The operator's image (init containers run its `fetch` subcommand).
+    pub image: String,
 }
 
 /// State shared by all reconciles.

@@ -108,7 +108,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let operator_url = args.tracking_operator_url.clone().unwrap_or_else(|| url.clone());
         TrackingClient::new(operator_url, token).with_run_url(url.clone())
     });
-    let client = counted_client(config, metrics.kube_requests.clone())?;
+    let client = counted_client(
+        config,
+        metrics.kube_requests.clone(),
+        metrics.kube_request_duration.clone(),
+    )?;
     check_crds(&client).await?;
 
     let identity = args.identity.clone().unwrap_or_else(default_identity);

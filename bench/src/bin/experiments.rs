@@ -151,6 +151,15 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let exp_secs = start.elapsed().as_secs_f64();
+    let metrics = op.get("/metrics")?;
+    let mean = |name: &str, labels: &[(&str, &str)]| {
+        let sum = sum_metric(&metrics, &format!("{name}_sum"), labels);
+        let count = sum_metric(&metrics, &format!("{name}_count"), labels);
+        if count > 0.0 { sum / count * 1000.0 } else { 0.0 }
+    };
+    let mean_create_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "create")]);
+    let mean_patch_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "patch")]);
+    let mean_reconcile_ms = mean("mlplane_reconcile_duration_seconds", &[("kind", "Experiment")]);
 
     // Convergence: wait until the operator's writes stop changing for 10 s.
     let mut last = op.writes_excluding_leases()?;
@@ -192,6 +201,9 @@ async fn main() -> Result<()> {
     );
     println!("{:<44} {:>10.1}", "mlplane: Jobs/s", exp_rate);
     println!("{:<44} {:>10.0}", "reconciles while creating", rec1 - rec0);
+    println!("{:<44} {:>10.1}", "  mean reconcile duration (ms)", mean_reconcile_ms);
+    println!("{:<44} {:>10.1}", "  mean API create latency (ms)", mean_create_ms);
+    println!("{:<44} {:>10.1}", "  mean API patch latency (ms)", mean_patch_ms);
     println!("{:<44} {:>10.3}", "CPU ms per reconcile", cpu_per_reconcile_ms);
     println!("{:<44} {:>10.1}", "operator peak RSS (MiB)", hwm_kib as f64 / 1024.0);
     println!(
@@ -207,11 +219,41 @@ async fn main() -> Result<()> {
         if idle_writes == 0.0 { "met" } else { "NOT met" },
     );
 
+    // The API server's own rate for Experiments: the same client creating
+    // 1,000 more with no operator running (what the CRD's validation costs).
+    drop(op);
+    let floor_ns = TestNamespace::create(&admin, "bench-exp-floor").await?;
+    let floor: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &floor_ns.name, &ar);
+    let start = Instant::now();
+    let results: Vec<Result<DynamicObject, kube::Error>> = stream::iter(0..N)
+        .map(|i| {
+            let floor = floor.clone();
+            async move {
+                floor
+                    .create(&PostParams::default(), &experiment(&format!("exp-{i}")))
+                    .await
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let floor_secs = start.elapsed().as_secs_f64();
+    println!(
+        "{:<44} {:>10.2}",
+        "no operator: seconds to create 1000 Experiments", floor_secs
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "  (best possible ratio: direct / that)",
+        direct_secs / floor_secs
+    );
+    drop(floor_ns);
+
     let _ = wsapi.delete(&ws, &DeleteParams::default()).await;
     let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
         .delete(&ws, &DeleteParams::default())
         .await;
     drop(direct);
-    drop(op);
     Ok(())
 }

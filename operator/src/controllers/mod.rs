@@ -46,7 +46,11 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
+    event_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Events being published at once (see [`Context::event`]).
+pub const EVENTS_IN_FLIGHT: usize = 16;
 
 impl Context {
     pub fn new(client: Client, metrics: Metrics, settings: Settings, instance: String) -> Arc<Self> {
@@ -60,10 +64,13 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::default(),
+            event_permits: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
         })
     }
 
-    /// Records a Kubernetes Event on `obj` (failures to record are logged, not fatal).
+    /// Records a Kubernetes Event on `obj` without holding up the reconcile:
+    /// it is published by a background task (at most [`EVENTS_IN_FLIGHT`] at
+    /// once); failures are logged, not fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -80,9 +87,19 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "recording event failed");
-        }
+        let reference = obj.object_ref(&());
+        let recorder = self.recorder.clone();
+        // Acquired before spawning (the semaphore is FIFO), so events keep
+        // their order; a reconcile waits only while EVENTS_IN_FLIGHT are.
+        let Ok(permit) = self.event_permits.clone().acquire_owned().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, reason = %ev.reason, "recording event failed");
+            }
+        });
     }
 
     /// Clears the failure count of an object after a successful reconcile.

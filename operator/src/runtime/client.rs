@@ -1,12 +1,13 @@
 //! The kube client of the operator: the inferred config (in-cluster or
 //! kubeconfig) plus a tower layer that counts every request by Kubernetes verb
 //! in `mlplane_kube_api_requests_total`, so "a reconcile that changes nothing
-//! writes nothing" can be checked from the operator's own metrics.
+//! writes nothing" can be checked from the operator's own metrics, and times
+//! it in `mlplane_kube_api_request_duration_seconds` (API server latency as
+//! the operator sees it).
 use http::{Method, Request};
 use kube::client::ClientBuilder;
 use kube::{Client, Config};
-use prometheus::IntCounterVec;
-use tower::ServiceBuilder;
+use prometheus::{HistogramVec, IntCounterVec};
 
 /// Kubernetes verb and resource (plural name, with `/subresource`) of an
 /// API request, from its method, path and query.
@@ -46,17 +47,50 @@ pub fn classify<B>(req: &Request<B>) -> (&'static str, String) {
     (verb, resource)
 }
 
-/// Builds a client from `config` whose requests are counted in `counter`.
-pub fn counted_client(config: Config, counter: IntCounterVec) -> kube::Result<Client> {
+/// Builds a client from `config` whose requests are counted in `counter`
+/// and timed (until the response headers arrive) in `duration`, by verb.
+pub fn counted_client(config: Config, counter: IntCounterVec, duration: HistogramVec) -> kube::Result<Client> {
     let builder = ClientBuilder::try_from(config)?;
-    let builder = builder.with_layer(
-        &ServiceBuilder::new().map_request(move |req: Request<kube::client::Body>| {
-            let (verb, resource) = classify(&req);
-            counter.with_label_values(&[verb, &resource]).inc();
-            req
-        }),
-    );
+    let builder = builder.with_layer(&tower::layer::layer_fn(move |inner| Counted {
+        inner,
+        counter: counter.clone(),
+        duration: duration.clone(),
+    }));
     Ok(builder.build())
+}
+
+/// The counting and timing service around the client's HTTP stack.
+#[derive(Clone)]
+pub struct Counted<S> {
+    inner: S,
+    counter: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl<S, B> tower::Service<Request<B>> for Counted<S>
+where
+    S: tower::Service<Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (verb, resource) = classify(&req);
+        self.counter.with_label_values(&[verb, &resource]).inc();
+        let timer = self.duration.with_label_values(&[verb]).start_timer();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await;
+            timer.observe_duration();
+            response
+        })
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Requests this process sent to the Kubernetes API, by verb (get, list,
     /// watch, create, update, patch, delete) and resource (plural name).
     pub kube_requests: IntCounterVec,
+    /// Latency of those requests until the response headers, by verb.
+    pub kube_request_duration: HistogramVec,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
     /// Events recorded on mlplane objects, by kind and reason.
@@ -80,6 +82,17 @@ impl Metrics {
             &["verb", "resource"],
         )
         .unwrap();
+        let kube_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mlplane_kube_api_request_duration_seconds",
+                "Latency of requests to the Kubernetes API (until response headers), by verb",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["verb"],
+        )
+        .unwrap();
         let leader = IntGauge::new("mlplane_leader", "1 while this replica holds the leader Lease").unwrap();
         let events = IntCounterVec::new(
             Opts::new("mlplane_events_total", "Kubernetes Events recorded, by kind and reason"),
@@ -126,6 +139,7 @@ impl Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(objects.clone()),
             Box::new(kube_requests.clone()),
+            Box::new(kube_request_duration.clone()),
             Box::new(leader.clone()),
             Box::new(events.clone()),
             Box::new(tracking_requests.clone()),
@@ -142,6 +156,7 @@ impl Metrics {
             reconcile_duration,
             objects,
             kube_requests,
+            kube_request_duration,
             leader,
             events,
             tracking_requests,

@@ -1,7 +1,8 @@
 //! What the Experiment controller knows of the cluster without asking the API
-//! server: watch caches of run Jobs, their pods (status only), namespaces
-//! and ComputeClusters (metadata only), plus the controller's own recent Job
-//! writes that the Job watch has not delivered yet.
+//! server: watch caches of run Jobs (without their pod templates, see
+//! [`slim_job`]), their pods (status only), namespaces and ComputeClusters
+//! (metadata only), plus the controller's own recent Job writes that the Job
+//! watch has not delivered yet.
 //!
 //! Owns: the reflectors and the write overlay. Must not write anything.
 //!
@@ -28,7 +29,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use crate::api::ComputeCluster;
+use crate::api::{ComputeCluster, ExperimentStatus};
 use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL};
 use crate::controllers::watch_config;
 
@@ -125,6 +126,7 @@ pub struct Caches {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
     pub overlay: Overlay,
+    pub statuses: StatusOverlay<ExperimentStatus>,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
@@ -144,9 +146,10 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
     let (jobs, jobs_w) = reflector::store();
     let job_stream = watcher(Api::<Job>::all(client.clone()), labelled.clone())
         .default_backoff()
-        .modify(|j| j.managed_fields_mut().clear())
+        .modify(slim_job)
         .reflect(jobs_w)
         .touched_objects()
+        .predicate_filter(job_summary, Default::default())
         .boxed();
     // Run status reads pod status only: the spec stays out of memory.
     let (pods, pods_w) = reflector::store();
@@ -158,6 +161,7 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
         })
         .reflect(pods_w)
         .touched_objects()
+        .predicate_filter(pod_summary, Default::default())
         .boxed();
     let (namespaces, ns_w) = reflector::store();
     let ns_stream = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watch_config())
@@ -183,6 +187,7 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
             namespaces,
             clusters,
             overlay: Overlay::default(),
+            statuses: StatusOverlay::default(),
             ready: tokio::sync::watch::Sender::new(false),
         },
         Streams {
@@ -286,6 +291,127 @@ impl Caches {
     }
 }
 
+/// Drops from a cached Job what the controller never reads: managedFields,
+/// and of the pod template everything but each container's name and
+/// resources (status reads memory limits; everything else of a run is on
+/// the Job's own metadata and spec). Pod templates are most of a Job's size,
+/// and a cluster may hold thousands of runs. Code that needs the template
+/// must read the Job from the API server.
+pub fn slim_job(job: &mut Job) {
+    job.managed_fields_mut().clear();
+    if let Some(spec) = job.spec.as_mut() {
+        spec.template.metadata = None;
+        if let Some(pod) = spec.template.spec.as_mut() {
+            let slim = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
+                name: c.name.clone(),
+                resources: c.resources.clone(),
+                ..Default::default()
+            };
+            *pod = k8s_openapi::api::core::v1::PodSpec {
+                containers: pod.containers.iter().map(slim).collect(),
+                init_containers: pod.init_containers.as_ref().map(|cs| cs.iter().map(slim).collect()),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+/// Hash of what run status reads from a Job (annotations, `suspend`,
+/// conditions, start/completion time, failed pods): only a change of these
+/// triggers a reconcile. The Job controller's counter updates (`active`,
+/// `ready`, `terminating`, ...) do not.
+pub fn job_summary(job: &Job) -> Option<u64> {
+    let status = job.status.as_ref();
+    let conditions: Vec<(&str, &str, Option<&str>)> = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_deref()))
+        .collect();
+    Some(hash((
+        job.annotations(),
+        job.spec.as_ref().and_then(|s| s.suspend),
+        conditions,
+        status.and_then(|s| s.start_time.as_ref()).map(|t| t.0.as_second()),
+        status.and_then(|s| s.completion_time.as_ref()).map(|t| t.0.as_second()),
+        status.and_then(|s| s.failed),
+    )))
+}
+
+/// Hash of what run status reads from a pod (phase, deletion, scheduling and
+/// readiness conditions, container states): kubelet heartbeats and other
+/// status churn trigger nothing.
+pub fn pod_summary(pod: &Pod) -> Option<u64> {
+    let status = pod.status.as_ref();
+    let conditions: Vec<(&str, &str, Option<&str>)> = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| matches!(c.type_.as_str(), "PodScheduled" | "Ready"))
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_deref()))
+        .collect();
+    let containers: Vec<(&str, Option<&str>, bool, Option<i32>)> = status
+        .and_then(|s| s.init_container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .chain(status.and_then(|s| s.container_statuses.as_deref()).unwrap_or_default())
+        .map(|c| {
+            let state = c.state.as_ref();
+            (
+                c.name.as_str(),
+                state.and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()),
+                state.is_some_and(|s| s.running.is_some()),
+                state.and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code),
+            )
+        })
+        .collect();
+    Some(hash((
+        status.and_then(|s| s.phase.as_deref()),
+        pod.metadata.deletion_timestamp.is_some(),
+        conditions,
+        containers,
+    )))
+}
+
+fn hash(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(value)
+}
+
+/// Status this process wrote last, per Experiment UID, until the watch
+/// delivers it: a reconcile that starts before the Experiment's own watch
+/// event compares against it instead of the stale cached status, so it does
+/// not write the same status twice.
+#[derive(Default)]
+pub struct StatusOverlay<S> {
+    entries: Mutex<HashMap<String, (S, Instant)>>,
+}
+
+impl<S: Clone + PartialEq> StatusOverlay<S> {
+    /// The status to compare against: ours while the cache lags behind it.
+    pub fn current(&self, uid: &str, cached: Option<&S>) -> Option<S> {
+        let mut entries = self.entries.lock().expect("status overlay lock");
+        let now = Instant::now();
+        entries.retain(|_, (_, at)| now.duration_since(*at) < OVERLAY_TTL);
+        match entries.get(uid) {
+            Some((written, _)) if cached != Some(written) => Some(written.clone()),
+            Some(_) => {
+                entries.remove(uid);
+                cached.cloned()
+            }
+            None => cached.cloned(),
+        }
+    }
+
+    /// Remembers a status just written.
+    pub fn record(&self, uid: &str, status: &S) {
+        self.entries
+            .lock()
+            .expect("status overlay lock")
+            .insert(uid.to_string(), (status.clone(), Instant::now()));
+    }
+}
+
 /// The Experiment a Job's controller ownerReference names.
 pub fn owner_experiment(job: &Job) -> Option<ObjectRef<crate::api::Experiment>> {
     let ns = job.namespace()?;
@@ -341,6 +467,84 @@ mod tests {
             "the newer cached copy wins once it shows the write"
         );
         assert!(overlay.is_empty());
+    }
+
+    #[test]
+    fn cached_jobs_keep_what_status_reads() {
+        let mut j: Job = serde_json::from_value(json!({
+            "metadata": {"name": "e-1", "annotations": {"mlplane.io/params": "{}"},
+                         "managedFields": [{"manager": "mlplane"}]},
+            "spec": {"parallelism": 2, "suspend": true, "backoffLimit": 3, "activeDeadlineSeconds": 60,
+                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [
+                {"name": "run", "image": "x", "command": ["python"], "env": [{"name": "A", "value": "1"}],
+                 "resources": {"limits": {"memory": "1Gi"}}}]}}}
+        }))
+        .unwrap();
+        slim_job(&mut j);
+        let spec = j.spec.as_ref().unwrap();
+        assert_eq!(
+            (spec.parallelism, spec.suspend, spec.backoff_limit),
+            (Some(2), Some(true), Some(3))
+        );
+        let c = &spec.template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.name, "run");
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+            "1Gi"
+        );
+        assert!(c.env.is_none() && c.command.is_none() && c.image.is_none());
+        assert!(j.metadata.managed_fields.as_ref().is_none_or(|m| m.is_empty()));
+        assert!(j.annotations().contains_key("mlplane.io/params"));
+    }
+
+    #[test]
+    fn job_counter_updates_trigger_nothing_but_conditions_do() {
+        let mut j: Job = serde_json::from_value(json!({
+            "metadata": {"name": "e-1"},
+            "spec": {"template": {}},
+            "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+        }))
+        .unwrap();
+        let before = job_summary(&j);
+        j.status.as_mut().unwrap().ready = Some(1);
+        j.status.as_mut().unwrap().active = Some(2);
+        assert_eq!(job_summary(&j), before);
+        j.status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(json!({"type": "Complete", "status": "True"})).unwrap(),
+        ]);
+        assert_ne!(job_summary(&j), before);
+    }
+
+    #[test]
+    fn pod_heartbeats_trigger_nothing_but_state_changes_do() {
+        let pod = |running: bool, probe: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "p"},
+                "status": {"phase": "Running", "conditions": [
+                    {"type": "Ready", "status": "True", "lastProbeTime": probe}],
+                  "containerStatuses": [{"name": "run", "image": "x", "imageID": "", "ready": true,
+                    "restartCount": 0, "state": if running { json!({"running": {}}) }
+                      else { json!({"terminated": {"exitCode": 3}}) }}]}
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            pod_summary(&pod(true, "2026-01-01T00:00:00Z")),
+            pod_summary(&pod(true, "2026-01-01T00:00:09Z"))
+        );
+        let t = "2026-01-01T00:00:00Z";
+        assert_ne!(pod_summary(&pod(true, t)), pod_summary(&pod(false, t)));
+    }
+
+    #[test]
+    fn a_written_status_stands_in_until_the_cache_shows_it() {
+        let o: StatusOverlay<u32> = StatusOverlay::default();
+        assert_eq!(o.current("u", Some(&1)), Some(1));
+        o.record("u", &2);
+        assert_eq!(o.current("u", Some(&1)), Some(2), "the cache lags behind our write");
+        assert_eq!(o.current("u", Some(&2)), Some(2));
+        // Caught up: the entry is gone, a later change by someone else is seen.
+        assert_eq!(o.current("u", Some(&3)), Some(3));
     }
 
     #[test]

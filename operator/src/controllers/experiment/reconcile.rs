@@ -35,6 +35,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +93,12 @@ impl std::ops::Deref for ExperimentContext {
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Experiment>>::all(client.clone()), watch_config());
+    // A new spec (generation) or a changed annotation (`mlplane.io/rerun`)
+    // is work; the controller's own status writes are not.
+    let stream = stream.predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
     let (caches, streams) = caches(&client);
     let ectx = Arc::new(ExperimentContext { base: ctx, caches });
     // Namespaces and ComputeClusters only fill caches: they trigger nothing
@@ -571,7 +578,12 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
         .map(|c| c.reason.clone());
-    if patch_status_if_changed(&exps, &name, exp.status.as_ref(), &status).await?
+    let current = ctx.caches.statuses.current(&uid, exp.status.as_ref());
+    let wrote = patch_status_if_changed(&exps, &name, current.as_ref(), &status).await?;
+    if wrote {
+        ctx.caches.statuses.record(&uid, &status);
+    }
+    if wrote
         && let Some((reason, message)) = &blocked
         && was_blocked.as_deref() != Some(reason.as_str())
     {

@@ -68,13 +68,7 @@ where
     if current == Some(status) {
         return Ok(false);
     }
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(name, &pp, &Patch::Apply(&body)).await?;
+    super::status_writer::write_status(api, name, status).await?;
     Ok(true)
 }
 

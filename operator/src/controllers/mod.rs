@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod experiment;
 pub mod run;
+pub mod status_writer;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -46,11 +48,13 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
-    event_permits: Arc<tokio::sync::Semaphore>,
+    events: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
 }
 
-/// Events being published at once (see [`Context::event`]).
-pub const EVENTS_IN_FLIGHT: usize = 16;
+/// Events waiting to be published (see [`Context::event`]).
+pub const EVENT_QUEUE: usize = 1024;
+/// Tasks publishing events.
+pub const EVENT_PUBLISHERS: usize = 4;
 
 impl Context {
     pub fn new(client: Client, metrics: Metrics, settings: Settings, instance: String) -> Arc<Self> {
@@ -58,19 +62,26 @@ impl Context {
             controller: "mlplane".into(),
             instance: Some(instance),
         };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let (events, queue) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..EVENT_PUBLISHERS {
+            tokio::spawn(publish_events(recorder.clone(), queue.clone()));
+        }
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             metrics,
             settings,
             failures: Mutex::default(),
-            event_permits: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
+            events,
         })
     }
 
     /// Records a Kubernetes Event on `obj` without holding up the reconcile:
-    /// it is published by a background task (at most [`EVENTS_IN_FLIGHT`] at
-    /// once); failures are logged, not fatal.
+    /// it is queued (up to [`EVENT_QUEUE`]; a reconcile waits only when the
+    /// queue is full) and published in order by [`EVENT_PUBLISHERS`]
+    /// background tasks; failures are logged, not fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -87,19 +98,9 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        let reference = obj.object_ref(&());
-        let recorder = self.recorder.clone();
-        // Acquired before spawning (the semaphore is FIFO), so events keep
-        // their order; a reconcile waits only while EVENTS_IN_FLIGHT are.
-        let Ok(permit) = self.event_permits.clone().acquire_owned().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, reason = %ev.reason, "recording event failed");
-            }
-        });
+        if self.events.send((ev, obj.object_ref(&()))).await.is_err() {
+            tracing::warn!(reason, "event publishers stopped; event dropped");
+        }
     }
 
     /// Clears the failure count of an object after a successful reconcile.
@@ -113,6 +114,21 @@ impl Context {
         let n = f.entry(uid.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+}
+
+/// Publishes queued events until the queue's sender (the Context) is dropped.
+async fn publish_events(
+    recorder: Recorder,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(Event, ObjectReference)>>>,
+) {
+    loop {
+        let Some((ev, reference)) = queue.lock().await.recv().await else {
+            return;
+        };
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, reason = %ev.reason, "recording event failed");
+        }
     }
 }
 

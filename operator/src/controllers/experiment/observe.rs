@@ -29,7 +29,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use crate::api::{ComputeCluster, ExperimentStatus};
+use crate::api::ComputeCluster;
 use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL};
 use crate::controllers::watch_config;
 
@@ -126,7 +126,6 @@ pub struct Caches {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
     pub overlay: Overlay,
-    pub statuses: StatusOverlay<ExperimentStatus>,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
@@ -187,7 +186,6 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
             namespaces,
             clusters,
             overlay: Overlay::default(),
-            statuses: StatusOverlay::default(),
             ready: tokio::sync::watch::Sender::new(false),
         },
         Streams {
@@ -378,40 +376,6 @@ fn hash(value: impl std::hash::Hash) -> u64 {
     BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(value)
 }
 
-/// Status this process wrote last, per Experiment UID, until the watch
-/// delivers it: a reconcile that starts before the Experiment's own watch
-/// event compares against it instead of the stale cached status, so it does
-/// not write the same status twice.
-#[derive(Default)]
-pub struct StatusOverlay<S> {
-    entries: Mutex<HashMap<String, (S, Instant)>>,
-}
-
-impl<S: Clone + PartialEq> StatusOverlay<S> {
-    /// The status to compare against: ours while the cache lags behind it.
-    pub fn current(&self, uid: &str, cached: Option<&S>) -> Option<S> {
-        let mut entries = self.entries.lock().expect("status overlay lock");
-        let now = Instant::now();
-        entries.retain(|_, (_, at)| now.duration_since(*at) < OVERLAY_TTL);
-        match entries.get(uid) {
-            Some((written, _)) if cached != Some(written) => Some(written.clone()),
-            Some(_) => {
-                entries.remove(uid);
-                cached.cloned()
-            }
-            None => cached.cloned(),
-        }
-    }
-
-    /// Remembers a status just written.
-    pub fn record(&self, uid: &str, status: &S) {
-        self.entries
-            .lock()
-            .expect("status overlay lock")
-            .insert(uid.to_string(), (status.clone(), Instant::now()));
-    }
-}
-
 /// The Experiment a Job's controller ownerReference names.
 pub fn owner_experiment(job: &Job) -> Option<ObjectRef<crate::api::Experiment>> {
     let ns = job.namespace()?;
@@ -534,17 +498,6 @@ mod tests {
         );
         let t = "2026-01-01T00:00:00Z";
         assert_ne!(pod_summary(&pod(true, t)), pod_summary(&pod(false, t)));
-    }
-
-    #[test]
-    fn a_written_status_stands_in_until_the_cache_shows_it() {
-        let o: StatusOverlay<u32> = StatusOverlay::default();
-        assert_eq!(o.current("u", Some(&1)), Some(1));
-        o.record("u", &2);
-        assert_eq!(o.current("u", Some(&1)), Some(2), "the cache lags behind our write");
-        assert_eq!(o.current("u", Some(&2)), Some(2));
-        // Caught up: the entry is gone, a later change by someone else is seen.
-        assert_eq!(o.current("u", Some(&3)), Some(3));
     }
 
     #[test]

@@ -47,9 +47,9 @@ use super::status::{
 };
 use super::sweep::{merge_params, next_trials, seed, trial_limits, trial_params};
 use super::validate::{GENERATION_ANNOTATION, RUN_INDEX_LABEL, RunInputs, TRIAL_LABEL, run_spec, validate};
-use crate::api::{Experiment, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
-use crate::controllers::apply::patch_status_if_changed;
+use crate::api::{Experiment, ExperimentStatus, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
 use crate::controllers::run::build::{RUN_LABEL, Tracking, build_run};
+use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::workspace::build::RUN_TOKEN_SECRET;
 use crate::controllers::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::tracking::client::RunStatus as TrackingStatus;
@@ -73,6 +73,10 @@ pub const SUPERSEDED: &str = "Superseded";
 pub const COMPUTE_CLUSTER_NOT_FOUND: &str = "ComputeClusterNotFound";
 /// Requeue while waiting for a missing ComputeCluster to appear.
 const BLOCKED_POLL: Duration = Duration::from_secs(15);
+/// Workers writing Experiment statuses (see [`StatusWriter`]): few, so that
+/// under a flood of new Experiments the API server's time goes to their Jobs
+/// first and status updates coalesce.
+const STATUS_WRITERS: usize = 2;
 /// Requeue while trials are evaluated for early termination.
 const EARLY_TERMINATION_POLL: Duration = Duration::from_secs(2);
 
@@ -80,6 +84,8 @@ const EARLY_TERMINATION_POLL: Duration = Duration::from_secs(2);
 pub struct ExperimentContext {
     pub base: Arc<Context>,
     pub caches: Caches,
+    /// Status writes, coalesced and off the reconcile path.
+    pub status: StatusWriter<Experiment, ExperimentStatus>,
 }
 
 impl std::ops::Deref for ExperimentContext {
@@ -100,7 +106,18 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         Default::default(),
     );
     let (caches, streams) = caches(&client);
-    let ectx = Arc::new(ExperimentContext { base: ctx, caches });
+    let writer_client = client.clone();
+    let status = StatusWriter::start(
+        move |key| Api::namespaced(writer_client.clone(), key.namespace.as_deref().unwrap_or_default()),
+        ctx.metrics.clone(),
+        STATUS_WRITERS,
+        stop.clone(),
+    );
+    let ectx = Arc::new(ExperimentContext {
+        base: ctx,
+        caches,
+        status,
+    });
     // Namespaces and ComputeClusters only fill caches: they trigger nothing
     // (a missing ComputeCluster is polled for, see BLOCKED_POLL).
     tokio::spawn(drive(streams.namespaces, stop.clone(), "namespaces"));
@@ -306,7 +323,6 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
     let name = exp.name_any();
     let uid = exp.uid().unwrap_or_default();
     let generation = exp.metadata.generation.unwrap_or_default();
-    let exps: Api<Experiment> = Api::namespaced(client.clone(), &ns);
     let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
     let mut tracking = ctx.settings.tracking.as_ref().map(|c| TrackingCtx {
         client: c,
@@ -578,12 +594,9 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
         .map(|c| c.reason.clone());
-    let current = ctx.caches.statuses.current(&uid, exp.status.as_ref());
-    let wrote = patch_status_if_changed(&exps, &name, current.as_ref(), &status).await?;
-    if wrote {
-        ctx.caches.statuses.record(&uid, &status);
-    }
-    if wrote
+    if ctx
+        .status
+        .submit_if_changed(StatusKey::of(exp), exp.status.as_ref(), &status)
         && let Some((reason, message)) = &blocked
         && was_blocked.as_deref() != Some(reason.as_str())
     {

@@ -1,0 +1,308 @@
+//! Status writes off the reconcile path, coalesced per object.
+//!
+//! A reconcile decides what an object's status should be and hands it to the
+//! [`StatusWriter`]; a few workers patch it (server-side apply, the
+//! operator's field manager) in order of submission. While a status waits,
+//! a newer one for the same object replaces it, so a burst of changes costs
+//! one write. Reconciles therefore spend their API round trips on what users
+//! wait for (creating run Jobs), and under a flood of new objects the status
+//! updates trail by the queue's length instead of holding up every start —
+//! the same trade Kubernetes' Job controller makes by batching its status
+//! updates.
+//!
+//! [`StatusWriter::current`] is the status a reconcile must compare against:
+//! the one waiting to be written, else the last one written while the
+//! object's watch has not delivered it yet, else the cached one. So a
+//! reconcile never submits the same status twice, and a converged object
+//! writes nothing.
+//!
+//! Owns: the queue and the workers. Must not decide any status itself.
+use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::Error;
+use super::apply::FIELD_MANAGER;
+use crate::runtime::metrics::Metrics;
+
+/// How long a written status stands in for a cache that has not shown it.
+const WRITTEN_TTL: Duration = Duration::from_secs(60);
+/// Attempts of one status before it is dropped (the next reconcile
+/// computes it again).
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Which object a status belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub namespace: Option<String>,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Key {
+    pub fn of<K: Resource>(obj: &K) -> Self {
+        let meta = obj.meta();
+        Self {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone().unwrap_or_default(),
+        }
+    }
+}
+
+struct State<S> {
+    /// Latest status to write, per object.
+    pending: HashMap<Key, (S, u32)>,
+    /// Objects with a pending status, in order of first submission.
+    queue: VecDeque<Key>,
+    /// Last status written, until the watch shows it.
+    written: HashMap<Key, (S, Instant)>,
+}
+
+struct Shared<S> {
+    state: Mutex<State<S>>,
+    notify: Notify,
+}
+
+/// The status writer of one kind `K` with status type `S`.
+pub struct StatusWriter<K, S> {
+    shared: Arc<Shared<S>>,
+    _kind: PhantomData<fn() -> K>,
+}
+
+impl<K, S> StatusWriter<K, S>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    S: Serialize + Clone + PartialEq + Send + Sync + 'static,
+{
+    /// Starts `workers` writers that run until `stop` is cancelled;
+    /// `api_for` gives the API of an object (namespaced or cluster-scoped).
+    pub fn start(
+        api_for: impl Fn(&Key) -> Api<K> + Send + Sync + 'static,
+        metrics: Metrics,
+        workers: usize,
+        stop: CancellationToken,
+    ) -> Self {
+        let api_for: ApiFor<K> = Arc::new(api_for);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                queue: VecDeque::new(),
+                written: HashMap::new(),
+            }),
+            notify: Notify::new(),
+        });
+        for _ in 0..workers.max(1) {
+            tokio::spawn(work::<K, S>(
+                shared.clone(),
+                api_for.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        Self {
+            shared,
+            _kind: PhantomData,
+        }
+    }
+
+    /// The status to compare a newly computed one against (see the module docs).
+    pub fn current(&self, key: &Key, cached: Option<&S>) -> Option<S> {
+        let mut state = self.shared.state.lock().expect("status writer lock");
+        if let Some((s, _)) = state.pending.get(key) {
+            return Some(s.clone());
+        }
+        let now = Instant::now();
+        state.written.retain(|_, (_, at)| now.duration_since(*at) < WRITTEN_TTL);
+        match state.written.get(key) {
+            Some((w, _)) if cached != Some(w) => Some(w.clone()),
+            Some(_) => {
+                state.written.remove(key);
+                cached.cloned()
+            }
+            None => cached.cloned(),
+        }
+    }
+
+    /// Writes `status` unless it equals [`Self::current`]. Returns whether
+    /// a write was queued.
+    pub fn submit_if_changed(&self, key: Key, cached: Option<&S>, status: &S) -> bool {
+        if self.current(&key, cached).as_ref() == Some(status) {
+            return false;
+        }
+        let mut state = self.shared.state.lock().expect("status writer lock");
+        if state.pending.insert(key.clone(), (status.clone(), 0)).is_none() {
+            state.queue.push_back(key);
+        }
+        drop(state);
+        self.shared.notify.notify_one();
+        true
+    }
+
+    /// Statuses waiting to be written.
+    pub fn pending(&self) -> usize {
+        self.shared.state.lock().expect("status writer lock").pending.len()
+    }
+}
+
+/// Drops the in-flight record of `status` when its write failed, unless a
+/// newer one took its place.
+fn forget_written<S: PartialEq>(shared: &Shared<S>, key: &Key, status: &S) {
+    let mut state = shared.state.lock().expect("status writer lock");
+    if state.written.get(key).is_some_and(|(w, _)| w == status) {
+        state.written.remove(key);
+    }
+}
+
+type ApiFor<K> = Arc<dyn Fn(&Key) -> Api<K> + Send + Sync>;
+
+async fn work<K, S>(shared: Arc<Shared<S>>, api_for: ApiFor<K>, metrics: Metrics, stop: CancellationToken)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + Clone + PartialEq + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    loop {
+        let next = {
+            let mut state = shared.state.lock().expect("status writer lock");
+            let next = state.queue.pop_front().and_then(|key| {
+                let (status, attempts) = state.pending.remove(&key)?;
+                Some((key, status, attempts))
+            });
+            // In flight counts as written: a reconcile that runs while the
+            // patch is on the wire must not submit the same status again.
+            if let Some((key, status, _)) = &next {
+                state.written.insert(key.clone(), (status.clone(), Instant::now()));
+            }
+            next
+        };
+        let Some((key, status, attempts)) = next else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.notify.notified() => continue,
+            }
+        };
+        match write_status(&api_for(&key), &key.name, &status).await {
+            Ok(()) => {}
+            // Deleted meanwhile: nothing to report on.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                shared.state.lock().expect("status writer lock").written.remove(&key);
+            }
+            Err(e) => {
+                forget_written(&shared, &key, &status);
+                let err = Error::Kube(e);
+                metrics
+                    .reconcile_errors
+                    .with_label_values(&[&kind, err.category()])
+                    .inc();
+                tracing::warn!(kind = %kind, name = %key.name, error = %err, attempts, "writing status failed");
+                if attempts + 1 < MAX_ATTEMPTS {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(200 << attempts)).await;
+                        let mut state = shared.state.lock().expect("status writer lock");
+                        // A newer status submitted meanwhile wins.
+                        if !state.pending.contains_key(&key) {
+                            state.pending.insert(key.clone(), (status, attempts + 1));
+                            state.queue.push_back(key);
+                        }
+                        drop(state);
+                        shared.notify.notify_one();
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Patches the status subresource of `name` with `status` (server-side
+/// apply; SSA bodies carry apiVersion and kind).
+pub async fn write_status<K, S>(api: &Api<K>, name: &str, status: &S) -> kube::Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &pp, &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> StatusWriter<crate::api::Experiment, u32> {
+        StatusWriter {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    pending: HashMap::new(),
+                    queue: VecDeque::new(),
+                    written: HashMap::new(),
+                }),
+                notify: Notify::new(),
+            }),
+            _kind: PhantomData,
+        }
+    }
+
+    fn key(name: &str) -> Key {
+        Key {
+            namespace: Some("ns".into()),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    #[test]
+    fn unchanged_statuses_are_not_queued_and_newer_ones_replace_waiting_ones() {
+        let w = writer();
+        assert!(
+            !w.submit_if_changed(key("a"), Some(&1), &1),
+            "equal to the cached status"
+        );
+        assert!(w.submit_if_changed(key("a"), Some(&1), &2));
+        assert!(!w.submit_if_changed(key("a"), Some(&1), &2), "already waiting");
+        assert!(w.submit_if_changed(key("a"), Some(&1), &3));
+        assert!(w.submit_if_changed(key("b"), None, &7));
+        let state = w.shared.state.lock().unwrap();
+        assert_eq!(
+            state.queue,
+            VecDeque::from([key("a"), key("b")]),
+            "one entry per object, in order"
+        );
+        assert_eq!(state.pending[&key("a")].0, 3, "the newest status is the one written");
+    }
+
+    #[test]
+    fn a_written_status_stands_in_until_the_cache_shows_it() {
+        let w = writer();
+        w.shared
+            .state
+            .lock()
+            .unwrap()
+            .written
+            .insert(key("a"), (2, Instant::now()));
+        assert_eq!(
+            w.current(&key("a"), Some(&1)),
+            Some(2),
+            "the cache lags behind the write"
+        );
+        assert!(!w.submit_if_changed(key("a"), Some(&1), &2));
+        assert_eq!(w.current(&key("a"), Some(&2)), Some(2));
+        // Caught up: a later change by someone else is seen.
+        assert_eq!(w.current(&key("a"), Some(&5)), Some(5));
+    }
+}

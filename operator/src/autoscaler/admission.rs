@@ -147,8 +147,6 @@ pub struct PoolView {
     pub name: String,
     /// A new node's allocatable minus DaemonSet overhead.
     pub shape: Resources,
-    /// Nodes it has (or has asked for).
-    pub nodes: u32,
     /// `maxNodes` (for a static pool: the nodes it has).
     pub max_nodes: u32,
 }
@@ -276,16 +274,19 @@ pub fn never_fits(run: &QueuedRun, pools: &[PoolView], ever: &mut Packer) -> Opt
     Some(format!("the run needs {need} at once; {}", why.join("; ")))
 }
 
-/// The message of a run that fits the pools' maximum but not now.
+/// The message of a run that fits the pools' maximum but not now. It names
+/// no current sizes, so it stays the same (and is not rewritten) while the
+/// pools scale.
 pub fn capacity_message(run: &QueuedRun, pools: &[PoolView]) -> String {
     let sizes: Vec<String> = pools
         .iter()
         .enumerate()
         .filter(|(i, _)| run.pools & pool_bit(*i) != 0)
-        .map(|(_, p)| format!("pool {} has {} of maxNodes {} node(s)", p.name, p.nodes, p.max_nodes))
+        .map(|(_, p)| format!("pool {} (maxNodes {})", p.name, p.max_nodes))
         .collect();
     format!(
-        "the run needs {} pod(s) of {} at once and they do not fit yet ({}): waiting for running work to finish",
+        "the run needs {} pod(s) of {} at once; they do not fit now in {}, counting the nodes the pools may \
+         still add: waiting for running work to finish",
         run.pods,
         run.pod.describe(),
         sizes.join(", ")
@@ -394,7 +395,6 @@ mod tests {
         vec![PoolView {
             name: "a100".into(),
             shape: node(),
-            nodes: 0,
             max_nodes: max,
         }]
     }
@@ -444,7 +444,7 @@ mod tests {
         let Outcome::Waiting(_, msg) = &out[2] else {
             unreachable!()
         };
-        assert!(msg.contains("pool a100 has 0 of maxNodes 2"), "{msg}");
+        assert!(msg.contains("do not fit now in pool a100 (maxNodes 2)"), "{msg}");
         assert_eq!(usage["v"].active_runs, 2);
     }
 

@@ -272,7 +272,6 @@ pub fn plan(input: &PlanInput) -> Plan {
         .map(|p| PoolView {
             name: p.name.clone(),
             shape: p.shape.clone(),
-            nodes: p.size,
             max_nodes: if p.scalable { p.max_nodes } else { p.size },
         })
         .collect();

@@ -36,8 +36,8 @@ use crate::controllers::run::names::label_value;
 
 /// Well-known node label of the instance type.
 pub const INSTANCE_TYPE_LABEL: &str = "node.kubernetes.io/instance-type";
-/// Label (AKS) and taint key of Spot nodes.
-pub const SPOT_PRIORITY_LABEL: &str = "kubernetes.azure.com/scalesetpriority";
+/// Label (AKS) and taint key of Spot nodes (run pods tolerate it).
+pub use crate::controllers::run::build::SPOT_TAINT_KEY as SPOT_PRIORITY_LABEL;
 /// Label (GKE) of Spot nodes.
 pub const GKE_SPOT_LABEL: &str = "cloud.google.com/gke-spot";
 /// Labels that every Linux node has and pods commonly select.

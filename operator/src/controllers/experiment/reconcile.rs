@@ -591,7 +591,21 @@ fn ready_condition(phase: RunPhase, latest: &[&Observed], suspend: bool) -> (boo
     match phase {
         RunPhase::Succeeded => (true, "Succeeded".into(), format!("run {names} succeeded")),
         RunPhase::Pending => (false, "Pending".into(), format!("run {names} is starting")),
-        RunPhase::Queued => (false, "Queued".into(), format!("run {names} is waiting for capacity")),
+        RunPhase::Queued => {
+            // The queue's reason (QuotaExceeded, WaitingForCapacity, ...), or
+            // the scheduler's (Unschedulable).
+            match latest
+                .iter()
+                .find(|o| o.phase() == RunPhase::Queued && !o.reason().is_empty())
+            {
+                Some(o) => (
+                    false,
+                    o.reason(),
+                    format!("run {} is queued: {}", o.name(), o.status().message.unwrap_or_default()),
+                ),
+                None => (false, "Queued".into(), format!("run {names} is waiting for capacity")),
+            }
+        }
         RunPhase::Running => (false, "Running".into(), format!("run {names} is running")),
         RunPhase::Cancelled => {
             let reason = if suspend {
@@ -777,7 +791,8 @@ async fn start_run(
             .collect(),
         outputs_dir: (!spec.outputs.is_empty()).then(|| "/mnt/outputs".to_string()),
         tracking: None,
-        suspend: false,
+        // On a ComputeCluster the run waits, suspended, for its admission queue.
+        suspend: spec.compute.is_some(),
     };
     // The name first, for the MLflow run (the same function names the Job).
     let probe = match run_spec(exp, &ctx.settings.catalog, inputs.clone()) {

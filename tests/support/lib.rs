@@ -979,3 +979,13 @@ pub async fn create_ready_workspace(
     api.create(&PostParams::default(), &ws).await?;
     wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", workspace_ready).await
 }
+
+/// The directory of the pinned Cluster API CRDs (MachineDeployment and
+/// Machine from the published sigs.k8s.io/cluster-api module), fetched once
+/// into the cache by `tests/cluster/cluster-api-crds.sh`.
+pub fn cluster_api_crds() -> Result<PathBuf> {
+    let out = run_cmd(&mut std::process::Command::new(
+        repo_root().join("tests/cluster/cluster-api-crds.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
+}

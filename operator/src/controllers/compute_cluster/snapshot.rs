@@ -20,9 +20,10 @@
 //! - A node's free capacity is its allocatable minus the overhead of the
 //!   DaemonSets its pool runs, minus its live non-DaemonSet pods. It is busy
 //!   when such a pod is on it (a run's pod always is).
-//! - A workspace's usage is what its admitted runs hold plus its other live
-//!   pods; its active runs are its run Jobs that hold resources (on any
-//!   cluster or none).
+//! - A workspace's usage is what its admitted runs hold (every pod of a run,
+//!   until its Job is Complete or Failed) plus its other live pods; its
+//!   active runs are its run Jobs that hold resources (on any cluster or
+//!   none).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -648,9 +649,11 @@ pub fn snapshot(
             holding.insert(j.metadata.uid.as_deref().unwrap_or_default());
             let u = usage.entry(ws.to_string()).or_default();
             u.active_runs += 1;
+            // A run keeps its whole reservation until its Job ends (as
+            // Kueue keeps a workload's quota until it finishes).
             if let Some(spec) = template(j) {
                 u.requests
-                    .add(&template_request(&ns, spec).times(i64::from(remaining_pods(j))));
+                    .add(&template_request(&ns, spec).times(i64::from(parallelism(j))));
             }
         }
         for p in objects.pods {
@@ -992,7 +995,14 @@ mod tests {
         no_cc.metadata.labels.as_mut().unwrap().remove(COMPUTE_CLUSTER_LABEL);
         f.jobs = vec![
             job("waiting", "2026-01-01T00:00:00Z", true, 1, json!({})),
-            job("running", "2026-01-01T00:00:00Z", false, 2, json!({})),
+            // One of its two pods is done: the run still holds both until it ends.
+            job(
+                "running",
+                "2026-01-01T00:00:00Z",
+                false,
+                2,
+                json!({"status": {"succeeded": 1}}),
+            ),
             Arc::new(no_cc),
             job(
                 "done",

@@ -218,9 +218,11 @@ impl NodeWatch {
                 let mut st = s.lock().unwrap();
                 match ev {
                     watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
-                        if n.metadata.deletion_timestamp.is_none() {
-                            st.live.insert(n.name_any());
-                        }
+                        // A node being deleted no longer counts.
+                        match n.metadata.deletion_timestamp {
+                            None => st.live.insert(n.name_any()),
+                            Some(_) => st.live.remove(&n.name_any()),
+                        };
                     }
                     watcher::Event::Delete(n) => {
                         st.live.remove(&n.name_any());

@@ -989,3 +989,13 @@ pub fn cluster_api_crds() -> Result<PathBuf> {
     ))?;
     Ok(PathBuf::from(out.trim()))
 }
+
+/// Peak resident set size (VmHWM) of a process, in KiB (0 if unknown).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -495,7 +495,7 @@ async fn apply_queue(cc: &ComputeCluster, ctx: &ClusterContext, snap: &Snapshot,
                 };
                 ctx.event(
                     &job_ref(q),
-                    type_.clone(),
+                    type_,
                     "Queued",
                     "Queue",
                     format!(

@@ -132,6 +132,9 @@ pub struct Pending {
     pub idle_seen: HashMap<String, Timestamp>,
 }
 
+/// Cached Cluster API objects: MachineDeployments and Machines.
+pub type CapiObjects<'a> = (&'a [Arc<DynamicObject>], &'a [Arc<DynamicObject>]);
+
 /// Cached objects (Jobs with the controller's own writes laid over).
 pub struct Objects<'a> {
     pub nodes: &'a [Arc<Node>],
@@ -143,7 +146,7 @@ pub struct Objects<'a> {
     pub quotas: HashMap<String, WorkspaceQuota>,
     pub namespaces: &'a [Arc<PartialObjectMeta<Namespace>>],
     /// MachineDeployments and Machines, for a clusterAPI cluster.
-    pub capi: Option<(&'a [Arc<DynamicObject>], &'a [Arc<DynamicObject>])>,
+    pub capi: Option<CapiObjects<'a>>,
 }
 
 /// A node of the cluster as the controller carries the plan out.
@@ -208,7 +211,7 @@ fn is_live(p: &Pod) -> bool {
     )
 }
 
-fn owner_kind<'a>(p: &'a Pod) -> Option<(&'a str, &'a str)> {
+fn owner_kind(p: &Pod) -> Option<(&str, &str)> {
     p.owner_references()
         .iter()
         .find(|o| o.controller == Some(true))

@@ -26,6 +26,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use mlplane::api::{ComputeCluster, Experiment};
+use mlplane::controllers::experiment::status::holds_resources;
 use mlplane_test_support::*;
 use serde_json::{Value, json};
 
@@ -604,15 +605,6 @@ struct Active {
     max: HashMap<String, usize>,
 }
 
-fn holds(j: &Job) -> bool {
-    let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
-    let done = j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-        cs.iter()
-            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-    });
-    !suspended && !done
-}
-
 #[tokio::test]
 async fn two_workspaces_with_quotas_sharing_one_cluster_never_exceed_their_quota() -> Result<()> {
     let admin = admin_client().await?;
@@ -637,7 +629,7 @@ async fn two_workspaces_with_quotas_sharing_one_cluster_never_exceed_their_quota
                 };
                 let mut st = active.lock().unwrap();
                 let jobs = st.jobs.entry(ns.clone()).or_default();
-                jobs.insert(j.name_any(), holds(&j));
+                jobs.insert(j.name_any(), holds_resources(&j));
                 let n = jobs.values().filter(|h| **h).count();
                 let m = st.max.entry(ns.clone()).or_default();
                 *m = (*m).max(n);
@@ -773,15 +765,7 @@ async fn the_cluster_api_provider_scales_a_real_machine_deployment_up_and_back_d
     );
 
     // The CRDs from the published module, and a MachineDeployment at 0.
-    let dir = cluster_api_crds()?;
-    kubectl(&["apply", "--server-side", "-f", &dir.to_string_lossy()])?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "-f",
-        &dir.to_string_lossy(),
-    ])?;
+    apply_crds(&cluster_api_crds()?)?;
     let mds: Api<DynamicObject> = Api::namespaced_with(
         admin.clone(),
         &infra.name,

@@ -431,29 +431,17 @@ pub fn run_cmd(cmd: &mut std::process::Command) -> Result<String> {
 /// never upgrades a chart's CRDs, so tests apply them from crds/ first.
 pub fn install_crds() -> Result<()> {
     static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        let dir = repo_root().join("crds");
-        kubectl(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            &dir.to_string_lossy(),
-        ])
-        .and_then(|_| {
-            kubectl(&[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "-f",
-                &dir.to_string_lossy(),
-            ])
-        })
-        .map(|_| ())
-        .map_err(|e| format!("{e:#}"))
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    DONE.get_or_init(|| apply_crds(&repo_root().join("crds")).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Applies the CRDs in `dir` (server-side) and waits until they are established.
+pub fn apply_crds(dir: &Path) -> Result<()> {
+    let dir = dir.to_string_lossy();
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])?;
+    kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])?;
+    Ok(())
 }
 
 /// Installs (or upgrades) the Helm chart into the local cluster, once per

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
@@ -39,6 +39,7 @@ use mlplane::api::ComputeCluster;
 use mlplane::autoscaler::admission::{Outcome, Quota};
 use mlplane::autoscaler::binpack::{Constraints, Item, pool_bit};
 use mlplane::autoscaler::plan::{DemandInput, NodeInput, NodeState, PlanInput, PoolInput, QueueInput, plan};
+use mlplane::autoscaler::providers::no_schedule as taint;
 use mlplane::autoscaler::resources::Resources;
 use mlplane_test_support::*;
 use serde_json::json;
@@ -62,15 +63,6 @@ const POOLS: usize = 20;
 const PODS: usize = 10_000;
 const NODES: usize = 500;
 const RUNS: usize = 2_000;
-
-fn taint(key: &str, value: &str) -> Taint {
-    Taint {
-        key: key.into(),
-        value: Some(value.into()),
-        effect: "NoSchedule".into(),
-        time_added: None,
-    }
-}
 
 fn pools() -> Vec<PoolInput> {
     (0..POOLS)

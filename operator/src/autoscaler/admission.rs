@@ -358,26 +358,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn gpu_pod() -> Resources {
-        Resources {
-            cpu: 4000,
-            memory: 16 << 30,
-            gpu: 1,
-            pods: 1,
-            ..Default::default()
-        }
-    }
-
-    fn node() -> Resources {
-        Resources {
-            cpu: 24_000,
-            memory: 220 << 30,
-            gpu: 1,
-            pods: 110,
-            ..Default::default()
-        }
-    }
+    use crate::autoscaler::fixtures::{gpu_node as node, gpu_pod};
 
     fn run(key: &str, ws: &str, pods: u32) -> QueuedRun {
         QueuedRun {

@@ -356,6 +356,7 @@ impl Packer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autoscaler::providers::no_schedule as taint;
     use serde_json::json;
 
     fn res(cpu: i64, mem_gi: i64, gpu: i64) -> Resources {
@@ -377,15 +378,6 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    fn taint(key: &str, value: &str) -> Taint {
-        Taint {
-            key: key.into(),
-            value: Some(value.into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        }
     }
 
     fn constraints(spec: serde_json::Value) -> Constraints {

@@ -12,6 +12,8 @@
 //! [`plan::plan`] and carries the plan out.
 pub mod admission;
 pub mod binpack;
+#[cfg(test)]
+mod fixtures;
 pub mod plan;
 pub mod providers;
 pub mod resources;

@@ -399,27 +399,8 @@ pub fn plan(input: &PlanInput) -> Plan {
 mod tests {
     use super::*;
     use crate::autoscaler::admission::QueueReason;
+    use crate::autoscaler::fixtures::{gpu_node as gpu_node_shape, gpu_pod};
     use serde_json::json;
-
-    fn gpu_node_shape() -> Resources {
-        Resources {
-            cpu: 24_000,
-            memory: 220 << 30,
-            gpu: 1,
-            pods: 110,
-            ..Default::default()
-        }
-    }
-
-    fn gpu_pod() -> Resources {
-        Resources {
-            cpu: 4_000,
-            memory: 16 << 30,
-            gpu: 1,
-            pods: 1,
-            ..Default::default()
-        }
-    }
 
     fn labels() -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -429,12 +410,7 @@ mod tests {
     }
 
     fn taints() -> Vec<Taint> {
-        vec![Taint {
-            key: "mlplane.io/compute-cluster".into(),
-            value: Some("gpu".into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        }]
+        vec![crate::autoscaler::providers::cluster_taint("gpu")]
     }
 
     fn run_constraints() -> Constraints {

@@ -16,6 +16,7 @@
 //! simulated nodes).
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -32,6 +33,8 @@ use crate::controllers::workspace::build::{MANAGED_BY, MANAGED_BY_LABEL};
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Longest node name (a DNS subdomain).
 const MAX_NODE_NAME: usize = 253;
+/// Node creations in flight at once.
+const CREATE_CONCURRENCY: usize = 16;
 
 /// Name of node `n` of `pool`: `<cluster>-<pool>-<n>`, the cluster name cut
 /// and hashed if that is too long.
@@ -104,19 +107,25 @@ impl NodeProvider for KwokProvider<'_> {
     async fn grow(&self, pool: &Pool, existing: &[String], _size: u32, add: u32) -> kube::Result<Vec<String>> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let taken: BTreeSet<String> = existing.iter().cloned().collect();
-        let mut made = Vec::new();
-        for name in next_names(&self.cc.name_any(), &pool.name, &taken, add) {
-            match nodes
-                .create(&PostParams::default(), &build_node(self.cc, pool, &name))
-                .await
-            {
-                Ok(_) => made.push(name),
-                // Made before a restart, or by a reconcile racing this one.
-                Err(kube::Error::Api(s)) if s.code == 409 => made.push(name),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(made)
+        let names = next_names(&self.cc.name_any(), &pool.name, &taken, add);
+        // A few creations in flight, so a large scale-up does not take one
+        // round trip per node.
+        let results: Vec<kube::Result<String>> = futures::stream::iter(names)
+            .map(|name| {
+                let (nodes, node) = (nodes.clone(), build_node(self.cc, pool, &name));
+                async move {
+                    match nodes.create(&PostParams::default(), &node).await {
+                        Ok(_) => Ok(name),
+                        // Made before a restart, or by a reconcile racing this one.
+                        Err(kube::Error::Api(s)) if s.code == 409 => Ok(name),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     async fn remove(&self, _pool: &Pool, _size: u32, nodes: &[NodeRef]) -> kube::Result<()> {

@@ -60,24 +60,24 @@ pub fn pool_labels(cluster: &str, pool: &Pool) -> BTreeMap<String, String> {
     l
 }
 
-/// The taint every node of the cluster `cluster` carries.
-pub fn cluster_taint(cluster: &str) -> Taint {
+/// A `key=value:NoSchedule` taint.
+pub fn no_schedule(key: &str, value: &str) -> Taint {
     Taint {
-        key: COMPUTE_CLUSTER_LABEL.into(),
-        value: Some(label_value(cluster)),
+        key: key.into(),
+        value: Some(value.into()),
         effect: "NoSchedule".into(),
         time_added: None,
     }
 }
 
+/// The taint every node of the cluster `cluster` carries.
+pub fn cluster_taint(cluster: &str) -> Taint {
+    no_schedule(COMPUTE_CLUSTER_LABEL, &label_value(cluster))
+}
+
 /// The taint of Spot nodes.
 pub fn spot_taint() -> Taint {
-    Taint {
-        key: SPOT_PRIORITY_LABEL.into(),
-        value: Some("spot".into()),
-        effect: "NoSchedule".into(),
-        time_added: None,
-    }
+    no_schedule(SPOT_PRIORITY_LABEL, "spot")
 }
 
 /// The taints of a node of `pool` (see the module docs).

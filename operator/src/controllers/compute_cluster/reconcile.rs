@@ -225,10 +225,6 @@ impl ClusterContext {
         }
     }
 
-    fn forget_reported(&self, key: &str) {
-        self.memory.lock().expect("memory lock").reported.remove(key);
-    }
-
     /// Recomputes the gauges from every cluster's figures, dropping clusters
     /// that are gone.
     pub fn refresh_metrics(&self) {
@@ -236,21 +232,28 @@ impl ClusterContext {
         let mut m = self.memory.lock().expect("memory lock");
         m.figures.retain(|k, _| live.contains(k));
         let metrics = &self.metrics;
-        metrics.compute_nodes.reset();
-        metrics.compute_desired_nodes.reset();
+        let mut nodes: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
         let mut pending = 0;
         let mut queue: HashMap<QueueReason, i64> = HashMap::new();
         for f in m.figures.values() {
-            for (tier, (nodes, desired)) in &f.nodes {
-                metrics.compute_nodes.with_label_values(&[f.provider, tier]).add(*nodes);
-                metrics
-                    .compute_desired_nodes
-                    .with_label_values(&[f.provider, tier])
-                    .add(*desired);
+            for (tier, (n, desired)) in &f.nodes {
+                let e = nodes.entry((f.provider, tier)).or_default();
+                e.0 += n;
+                e.1 += desired;
             }
             pending += f.pending;
             for (r, n) in &f.queue {
                 *queue.entry(*r).or_default() += n;
+            }
+        }
+        // Every (provider, tier) pair is set, 0 when no cluster has it: the
+        // label set is small and fixed, and no series goes stale.
+        for provider in [ProviderKind::Kwok, ProviderKind::ClusterApi, ProviderKind::Static] {
+            for tier in [Tier::Dedicated, Tier::Spot] {
+                let labels = [provider.as_str(), tier_label(tier)];
+                let (n, d) = nodes.get(&(labels[0], labels[1])).copied().unwrap_or_default();
+                metrics.compute_nodes.with_label_values(&labels).set(n);
+                metrics.compute_desired_nodes.with_label_values(&labels).set(d);
             }
         }
         metrics.compute_pending_pods.set(pending);
@@ -616,6 +619,8 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
     let snap = snapshot(cc, &checked, &objects, &pending, now);
     {
         let mut m = ctx.memory.lock().expect("memory lock");
+        let cached: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        m.idle_seen.retain(|n, _| cached.contains(n));
         for (node, busy) in &snap.idle_now {
             if *busy {
                 m.idle_seen.remove(node);
@@ -686,6 +691,7 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
         down: vec![false; pools.len()],
     };
     let mut requeue = ctx.settings.resync;
+    let mut blocked_now: HashSet<String> = HashSet::new();
     let facts: HashMap<&str, (&NodeFacts, NodeState)> = snap
         .nodes
         .iter()
@@ -697,7 +703,6 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
         for node in &pp.undrain {
             uncordon(&ctx.client, node).await?;
             ctx.writes.drains.put(node.clone(), false);
-            ctx.forget_reported(&format!("{name}/{node}"));
             ctx.event(
                 cc,
                 EventType::Normal,
@@ -737,6 +742,7 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
         }
         for (node, why) in &pp.blocked {
             requeue = requeue.min(BLOCKED_POLL);
+            blocked_now.insert(format!("{name}/{node}"));
             ctx.report_once(
                 cc,
                 format!("{name}/{node}"),
@@ -790,6 +796,7 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
                 }),
                 Drained::Blocked(why) => {
                     requeue = requeue.min(BLOCKED_POLL);
+                    blocked_now.insert(format!("{name}/{}", f.name));
                     ctx.report_once(
                         cc,
                         format!("{name}/{}", f.name),
@@ -805,7 +812,6 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
             let names: Vec<&str> = remove.iter().map(|r| r.name.as_str()).collect();
             for r in &remove {
                 ctx.writes.removed.put(r.name.clone(), ());
-                ctx.forget_reported(&format!("{name}/{}", r.name));
             }
             if kind == ProviderKind::ClusterApi {
                 ctx.writes.replicas.put(
@@ -828,6 +834,13 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
             )
             .await;
         }
+    }
+    // A node blocked again later is reported again.
+    {
+        let prefix = format!("{name}/");
+        let mut m = ctx.memory.lock().expect("memory lock");
+        m.reported
+            .retain(|k, _| !k.starts_with(&prefix) || blocked_now.contains(k));
     }
     // Nodes of pools removed from the spec (kwok), once idle.
     if kind == ProviderKind::Kwok && !snap.orphans.is_empty() {

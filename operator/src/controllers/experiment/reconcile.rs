@@ -918,6 +918,32 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_run_surfaces_the_queue_reason_in_ready() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "e-1", "annotations": {
+                "mlplane.io/queue-reason": "ExceedsPoolMaximum",
+                "mlplane.io/queue-message": "the run needs 3 pod(s) of nvidia.com/gpu 1 at once"}},
+            "spec": {"suspend": true, "template": {}}
+        }))
+        .unwrap();
+        let state = run_state(&job, &[]);
+        let o = Observed {
+            job,
+            index: 1,
+            trial: None,
+            result: None,
+            state: Some(state),
+        };
+        let (ready, reason, message) = ready_condition(RunPhase::Queued, &[&o], false);
+        assert!(!ready);
+        assert_eq!(reason, "ExceedsPoolMaximum");
+        assert_eq!(
+            message,
+            "run e-1 is queued: the run needs 3 pod(s) of nvidia.com/gpu 1 at once"
+        );
+    }
+
+    #[test]
     fn run_results_round_trip() {
         let r = RunResult {
             phase: RunPhase::Failed,

@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::Taint;
 use k8s_openapi::jiff::Timestamp;
 
 use super::admission::{Outcome, PoolView, QueuedRun, Quota, Usage, decide};
-use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit, sort_decreasing};
+use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit};
 use super::resources::Resources;
 
 /// A pool as the planner sees it.
@@ -193,6 +193,33 @@ fn pools_for(c: &Constraints, pools: &[PoolInput]) -> (PoolMask, Vec<String>) {
     (mask, why)
 }
 
+/// Pools per distinct constraints, worked out once: pods alike (every pod
+/// of a Job, pods of one workload) share their constraints, and checking
+/// each pool's labels and taints for every pod would be most of a pass.
+struct MaskCache<'a> {
+    pools: &'a [PoolInput],
+    known: HashMap<u64, Vec<(Constraints, PoolMask)>>,
+}
+
+impl<'a> MaskCache<'a> {
+    fn new(pools: &'a [PoolInput]) -> Self {
+        Self {
+            pools,
+            known: HashMap::new(),
+        }
+    }
+
+    fn mask(&mut self, c: &Constraints) -> PoolMask {
+        let same = self.known.entry(c.fingerprint()).or_default();
+        if let Some((_, m)) = same.iter().find(|(k, _)| k == c) {
+            return *m;
+        }
+        let m = pools_for(c, self.pools).0;
+        same.push((c.clone(), m));
+        m
+    }
+}
+
 /// How long a node has been idle at `now`.
 fn idle_for(node: &NodeInput, now: Timestamp) -> Option<Duration> {
     let since = node.idle_since?;
@@ -232,34 +259,18 @@ pub fn plan(input: &PlanInput) -> Plan {
         }
     }
 
-    // The smallest request of anything to place: emptier bins are dead.
-    let mut floor: Option<Resources> = None;
-    for r in input
-        .demand
-        .iter()
-        .map(|d| &d.request)
-        .chain(input.queue.iter().map(|q| &q.pod))
-    {
-        match &mut floor {
-            None => floor = Some(r.clone()),
-            Some(f) => f.min(r),
-        }
-    }
-    if let Some(f) = floor {
-        packer.set_floor(f);
-    }
-
     // Demand, first-fit decreasing.
+    let mut masks = MaskCache::new(pools);
     let mut items: Vec<Item> = input
         .demand
         .iter()
         .map(|d| Item {
             request: d.request.clone(),
             count: d.count,
-            pools: pools_for(&d.constraints, pools).0,
+            pools: masks.mask(&d.constraints),
         })
         .collect();
-    sort_decreasing(&mut items);
+    packer.sort_decreasing(&mut items);
     let mut plan = Plan::default();
     for item in &items {
         plan.pending_pods += item.count;
@@ -279,7 +290,12 @@ pub fn plan(input: &PlanInput) -> Plan {
         .queue
         .iter()
         .map(|q| {
-            let (mask, why) = pools_for(&q.constraints, pools);
+            let mask = masks.mask(&q.constraints);
+            let why = if mask == 0 {
+                pools_for(&q.constraints, pools).1
+            } else {
+                Vec::new()
+            };
             QueuedRun {
                 key: q.key.clone(),
                 namespace: q.namespace.clone(),
@@ -287,7 +303,7 @@ pub fn plan(input: &PlanInput) -> Plan {
                 pod: q.pod.clone(),
                 pods: q.pods,
                 pools: mask,
-                excluded: if mask == 0 { why } else { Vec::new() },
+                excluded: why,
             }
         })
         .collect();

@@ -1,8 +1,9 @@
 //! No hot loops: after convergence, an operator with a 5 s resync writes
 //! nothing to the API server in 30 idle seconds (Lease renewals aside),
 //! counted both by its own client metrics and by the API server's audit log.
-//! Converged objects: Workspaces, and Experiments with finished runs (a
-//! single run, a failed run and a grid sweep).
+//! Converged objects: Workspaces, Experiments with finished runs (a single
+//! run, a failed run and a grid sweep), and a ComputeCluster with a node, a
+//! finished run and a run that waits in its queue.
 
 use std::time::Duration;
 
@@ -42,6 +43,15 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         })
         .await?;
     }
+    // A ComputeCluster with a node (minNodes) that the first workspace uses.
+    let cc_name = format!("cc-quiet-{}", random_suffix());
+    let cc: mlplane::api::ComputeCluster = serde_json::from_value(json!({
+        "apiVersion": "mlplane.io/v1alpha1", "kind": "ComputeCluster", "metadata": {"name": cc_name},
+        "spec": {"provider": {"kwok": {}}, "idleTimeBeforeScaleDown": "1h",
+                 "pools": [{"name": "cpu", "capacity": {"cpu": "4", "memory": "8Gi"}, "minNodes": 1, "maxNodes": 2}]},
+    }))?;
+    let ccs: Api<mlplane::api::ComputeCluster> = Api::all(client.clone());
+    ccs.create(&PostParams::default(), &cc).await?;
     // Experiments in the first workspace, run to their end.
     let exps: Api<Experiment> = Api::namespaced(client.clone(), &names[0]);
     let base = json!({"environment": {"image": "python:3.12"}, "command": ["python", "train.py", "${{params.lr}}"],
@@ -52,10 +62,19 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
     sweep["sweep"] = json!({"algorithm": "Grid", "searchSpace": {"lr": {"choice": [0.1, 0.2, 0.3]}},
                             "objective": {"metric": "accuracy", "goal": "Maximize"},
                             "limits": {"maxConcurrentTrials": 2}});
+    // On the ComputeCluster: one run that ends, one that can never start
+    // (it stays in the queue, which is looked at every few seconds).
+    let mut on_cluster = base.clone();
+    on_cluster["compute"] = json!(cc_name);
+    let mut too_big = on_cluster.clone();
+    too_big["distribution"] = json!({"type": "PyTorch", "nodes": 3});
+    too_big["resources"] = json!({"cpu": "4", "memory": "1Gi"});
     for (name, spec, want) in [
         ("single", base, "Succeeded"),
         ("failing", failing, "Failed"),
         ("sweep", sweep, "Succeeded"),
+        ("on-cluster", on_cluster, "Succeeded"),
+        ("too-big", too_big, "Queued"),
     ] {
         let exp: Experiment = serde_json::from_value(json!({
             "apiVersion": "mlplane.io/v1alpha1", "kind": "Experiment", "metadata": {"name": name}, "spec": spec,
@@ -72,7 +91,9 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
     let before = op.writes_excluding_leases()?;
     let reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
     let exp_reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "Experiment")])?;
+    let cc_reconciles_before = op.metric("mlplane_reconcile_total", &[("kind", "ComputeCluster")])?;
     tokio::time::sleep(Duration::from_secs(30)).await;
+    let cc_reconciles = op.metric("mlplane_reconcile_total", &[("kind", "ComputeCluster")])? - cc_reconciles_before;
     let after = op.writes_excluding_leases()?;
     let reconciles_after = op.metric("mlplane_reconcile_total", &[("kind", "Workspace")])?;
     let exp_reconciles = op.metric("mlplane_reconcile_total", &[("kind", "Experiment")])? - exp_reconciles_before;
@@ -81,7 +102,7 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         since,
     )?;
     eprintln!(
-        "idle 30 s: {} Workspace and {exp_reconciles} Experiment reconciles, {} writes by client metrics, {} writes in the audit log",
+        "idle 30 s: {} Workspace, {exp_reconciles} Experiment and {cc_reconciles} ComputeCluster reconciles, {} writes by client metrics, {} writes in the audit log",
         reconciles_after - reconciles_before,
         after - before,
         audited.len()
@@ -91,8 +112,10 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         "resyncs happened during the window"
     );
     assert!(exp_reconciles >= 3.0, "Experiment resyncs happened during the window");
+    assert!(cc_reconciles >= 3.0, "ComputeCluster passes happened during the window");
     assert_eq!(after - before, 0.0, "operator wrote while idle:\n{}", op.log_tail());
     assert!(audited.is_empty(), "audit log shows writes while idle: {audited:?}");
+    let _ = ccs.delete(&cc_name, &DeleteParams::default()).await;
     for name in &names {
         let _ = api.delete(name, &DeleteParams::default()).await;
         let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())

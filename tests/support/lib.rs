@@ -431,29 +431,17 @@ pub fn run_cmd(cmd: &mut std::process::Command) -> Result<String> {
 /// never upgrades a chart's CRDs, so tests apply them from crds/ first.
 pub fn install_crds() -> Result<()> {
     static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        let dir = repo_root().join("crds");
-        kubectl(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            &dir.to_string_lossy(),
-        ])
-        .and_then(|_| {
-            kubectl(&[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "-f",
-                &dir.to_string_lossy(),
-            ])
-        })
-        .map(|_| ())
-        .map_err(|e| format!("{e:#}"))
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    DONE.get_or_init(|| apply_crds(&repo_root().join("crds")).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Applies the CRDs in `dir` (server-side) and waits until they are established.
+pub fn apply_crds(dir: &Path) -> Result<()> {
+    let dir = dir.to_string_lossy();
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])?;
+    kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])?;
+    Ok(())
 }
 
 /// Installs (or upgrades) the Helm chart into the local cluster, once per
@@ -978,4 +966,24 @@ pub async fn create_ready_workspace(
     }))?;
     api.create(&PostParams::default(), &ws).await?;
     wait_for(&api, name, Duration::from_secs(60), "Workspace Ready", workspace_ready).await
+}
+
+/// The directory of the pinned Cluster API CRDs (MachineDeployment and
+/// Machine from the published sigs.k8s.io/cluster-api module), fetched once
+/// into the cache by `tests/cluster/cluster-api-crds.sh`.
+pub fn cluster_api_crds() -> Result<PathBuf> {
+    let out = run_cmd(&mut std::process::Command::new(
+        repo_root().join("tests/cluster/cluster-api-crds.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// Peak resident set size (VmHWM) of a process, in KiB (0 if unknown).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

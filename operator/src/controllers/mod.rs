@@ -4,6 +4,7 @@
 //! what they share: the context, the error type with its metric category, the
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
+pub mod compute_cluster;
 pub mod experiment;
 pub mod run;
 pub mod status_writer;
@@ -213,5 +214,6 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
     tokio::join!(
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
+        compute_cluster::run(ctx.clone(), stop.clone()),
     );
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -38,6 +38,19 @@ pub struct Metrics {
     pub runs: IntCounterVec,
     /// Wall-clock duration of finished runs (start of the Job to its end), by kind.
     pub run_duration: HistogramVec,
+    /// Nodes of every ComputeCluster pool, by provider (kwok, clusterAPI,
+    /// static) and tier (Dedicated, Spot).
+    pub compute_nodes: IntGaugeVec,
+    /// Nodes the autoscaler wants, by provider and tier.
+    pub compute_desired_nodes: IntGaugeVec,
+    /// Pods waiting for a ComputeCluster (all clusters).
+    pub compute_pending_pods: IntGauge,
+    /// Runs waiting in admission queues, by reason.
+    pub compute_queue: IntGaugeVec,
+    /// Runs admitted by the queues.
+    pub compute_admissions: IntCounter,
+    /// From asking a provider for a node to the node being Ready, by provider.
+    pub compute_scale_up_duration: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -133,6 +146,45 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let compute_nodes = IntGaugeVec::new(
+            Opts::new(
+                "mlplane_compute_nodes",
+                "Nodes of ComputeCluster pools, by provider and tier",
+            ),
+            &["provider", "tier"],
+        )
+        .unwrap();
+        let compute_desired_nodes = IntGaugeVec::new(
+            Opts::new(
+                "mlplane_compute_desired_nodes",
+                "Nodes the autoscaler wants in ComputeCluster pools, by provider and tier",
+            ),
+            &["provider", "tier"],
+        )
+        .unwrap();
+        let compute_pending_pods =
+            IntGauge::new("mlplane_compute_pending_pods", "Pods waiting for a ComputeCluster").unwrap();
+        let compute_queue = IntGaugeVec::new(
+            Opts::new(
+                "mlplane_compute_queue_length",
+                "Runs waiting in admission queues, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let compute_admissions =
+            IntCounter::new("mlplane_compute_admissions_total", "Runs admitted by admission queues").unwrap();
+        let compute_scale_up_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mlplane_compute_scale_up_duration_seconds",
+                "From asking a provider for a node to the node being Ready, by provider",
+            )
+            .buckets(vec![
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            &["provider"],
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -146,6 +198,12 @@ impl Metrics {
             Box::new(tracking_duration.clone()),
             Box::new(runs.clone()),
             Box::new(run_duration.clone()),
+            Box::new(compute_nodes.clone()),
+            Box::new(compute_desired_nodes.clone()),
+            Box::new(compute_pending_pods.clone()),
+            Box::new(compute_queue.clone()),
+            Box::new(compute_admissions.clone()),
+            Box::new(compute_scale_up_duration.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -163,6 +221,12 @@ impl Metrics {
             tracking_duration,
             runs,
             run_duration,
+            compute_nodes,
+            compute_desired_nodes,
+            compute_pending_pods,
+            compute_queue,
+            compute_admissions,
+            compute_scale_up_duration,
         }
     }
 

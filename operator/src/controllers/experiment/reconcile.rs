@@ -616,7 +616,21 @@ fn ready_condition(phase: RunPhase, latest: &[&Observed], suspend: bool) -> (boo
     match phase {
         RunPhase::Succeeded => (true, "Succeeded".into(), format!("run {names} succeeded")),
         RunPhase::Pending => (false, "Pending".into(), format!("run {names} is starting")),
-        RunPhase::Queued => (false, "Queued".into(), format!("run {names} is waiting for capacity")),
+        RunPhase::Queued => {
+            // The queue's reason (QuotaExceeded, WaitingForCapacity, ...), or
+            // the scheduler's (Unschedulable).
+            match latest
+                .iter()
+                .find(|o| o.phase() == RunPhase::Queued && !o.reason().is_empty())
+            {
+                Some(o) => (
+                    false,
+                    o.reason(),
+                    format!("run {} is queued: {}", o.name(), o.status().message.unwrap_or_default()),
+                ),
+                None => (false, "Queued".into(), format!("run {names} is waiting for capacity")),
+            }
+        }
         RunPhase::Running => (false, "Running".into(), format!("run {names} is running")),
         RunPhase::Cancelled => {
             let reason = if suspend {
@@ -802,7 +816,8 @@ async fn start_run(
             .collect(),
         outputs_dir: (!spec.outputs.is_empty()).then(|| "/mnt/outputs".to_string()),
         tracking: None,
-        suspend: false,
+        // On a ComputeCluster the run waits, suspended, for its admission queue.
+        suspend: spec.compute.is_some(),
     };
     // The name first, for the MLflow run (the same function names the Job).
     let probe = match run_spec(exp, &ctx.settings.catalog, inputs.clone()) {
@@ -925,6 +940,32 @@ mod tests {
         assert_eq!(spec_hash(&exp), h);
         exp.spec.command.push("x".into());
         assert_ne!(spec_hash(&exp), h);
+    }
+
+    #[test]
+    fn a_queued_run_surfaces_the_queue_reason_in_ready() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "e-1", "annotations": {
+                "mlplane.io/queue-reason": "ExceedsPoolMaximum",
+                "mlplane.io/queue-message": "the run needs 3 pod(s) of nvidia.com/gpu 1 at once"}},
+            "spec": {"suspend": true, "template": {}}
+        }))
+        .unwrap();
+        let state = run_state(&job, &[]);
+        let o = Observed {
+            job,
+            index: 1,
+            trial: None,
+            result: None,
+            state: Some(state),
+        };
+        let (ready, reason, message) = ready_condition(RunPhase::Queued, &[&o], false);
+        assert!(!ready);
+        assert_eq!(reason, "ExceedsPoolMaximum");
+        assert_eq!(
+            message,
+            "run e-1 is queued: the run needs 3 pod(s) of nvidia.com/gpu 1 at once"
+        );
     }
 
     #[test]

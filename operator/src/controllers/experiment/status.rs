@@ -19,9 +19,12 @@
 //!    patching the Job with [`cancel_patch`]: `suspend: true` (Kubernetes
 //!    stops its pods, the Job and its history stay) plus the annotation, so a
 //!    restarted operator still knows the run was cancelled, not queued.
-//! 4. `spec.suspend: true` without the annotation -> Queued
-//!    (`WaitingForAdmission`): the ComputeCluster admission queue has not
-//!    admitted it yet.
+//! 4. `spec.suspend: true` without the annotation -> Queued: the
+//!    ComputeCluster admission queue has not admitted it yet. The reason and
+//!    message are the queue's (`mlplane.io/queue-reason`: `QuotaExceeded`,
+//!    `WaitingForCapacity`, `ExceedsPoolMaximum`, `NotAllowedInWorkspace`,
+//!    and `mlplane.io/queue-message`), `WaitingForAdmission` until the queue
+//!    has looked at the Job.
 //! 5. Otherwise, from the pods: any running -> Running; any unschedulable ->
 //!    Queued (`Unschedulable`, with the scheduler's message: waiting for
 //!    capacity); any container unable to start (`ImagePullBackOff`,
@@ -32,6 +35,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::experiment::{BestRun, Goal, Objective, RunPhase, RunStatus};
+use crate::autoscaler::admission::{QUEUE_MESSAGE_ANNOTATION, QUEUE_REASON_ANNOTATION, WAITING_FOR_ADMISSION};
 
 /// Annotation on a run's Job marking it cancelled; its value is the reason.
 pub const CANCEL_ANNOTATION: &str = "mlplane.io/cancel-reason";
@@ -412,11 +416,24 @@ pub fn run_state(job: &Job, pods: &[Pod]) -> RunState {
         return RunState::new(RunPhase::Cancelled, reason, message);
     }
     if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
-        return RunState::new(
-            RunPhase::Queued,
-            "WaitingForAdmission",
-            "waiting for the ComputeCluster's admission queue (quota and capacity for every pod)",
-        );
+        let reason = annotations.and_then(|a| a.get(QUEUE_REASON_ANNOTATION));
+        let message = annotations
+            .and_then(|a| a.get(QUEUE_MESSAGE_ANNOTATION))
+            .filter(|m| !m.is_empty());
+        return match reason {
+            Some(reason) => RunState::new(
+                RunPhase::Queued,
+                reason,
+                message
+                    .cloned()
+                    .unwrap_or_else(|| "waiting in the ComputeCluster's admission queue".into()),
+            ),
+            None => RunState::new(
+                RunPhase::Queued,
+                WAITING_FOR_ADMISSION,
+                "waiting for the ComputeCluster's admission queue (quota and capacity for every pod)",
+            ),
+        };
     }
     active_state(job, pods)
 }
@@ -718,6 +735,24 @@ mod tests {
         let s = run_state(&queued, &[]);
         assert_eq!((s.phase, s.reason.as_str()), (RunPhase::Queued, "WaitingForAdmission"));
         assert_eq!(mlflow_status(s.phase), "SCHEDULED");
+        // Once the queue has looked at it: its reason and message.
+        let waiting = with(queued.clone(), |j| {
+            j.metadata.annotations = Some(
+                [
+                    (QUEUE_REASON_ANNOTATION.to_string(), "ExceedsPoolMaximum".to_string()),
+                    (
+                        QUEUE_MESSAGE_ANNOTATION.to_string(),
+                        "the run needs 3 pod(s)".to_string(),
+                    ),
+                ]
+                .into(),
+            );
+        });
+        let s = run_state(&waiting, &[]);
+        assert_eq!(
+            (s.phase, s.reason.as_str(), s.message.as_str()),
+            (RunPhase::Queued, "ExceedsPoolMaximum", "the run needs 3 pod(s)")
+        );
 
         let patch = cancel_patch("EarlyTerminated", "MedianStopping at report 5: ...");
         assert_eq!(patch["spec"]["suspend"], json!(true));

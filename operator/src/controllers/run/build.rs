@@ -23,7 +23,9 @@
 //!   counts against the memory limit).
 //! - Placement on a ComputeCluster: nodeSelector `mlplane.io/compute-cluster`
 //!   (+ `mlplane.io/pool` when a pool is chosen) and the toleration
-//!   `mlplane.io/compute-cluster=<cc>:NoSchedule`; GPU runs also tolerate
+//!   `mlplane.io/compute-cluster=<cc>:NoSchedule`, and the Spot taint
+//!   `kubernetes.azure.com/scalesetpriority=spot:NoSchedule` (runs may use a
+//!   cluster's Spot pools); GPU runs also tolerate
 //!   `nvidia.com/gpu:NoSchedule`. Cluster names go through
 //!   [`label_value`], which node labelling and tainting must use too.
 //! - Environment, in this order: the user's `env`; `MLPLANE_RUN`;
@@ -88,6 +90,9 @@ pub const COMPUTE_CLUSTER_LABEL: &str = "mlplane.io/compute-cluster";
 pub const POOL_LABEL: &str = "mlplane.io/pool";
 /// Extended resource name of NVIDIA GPUs (also their usual taint key).
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Taint key (value `spot`) of Spot nodes, as AKS sets it and ComputeCluster
+/// Spot pools do.
+pub const SPOT_TAINT_KEY: &str = "kubernetes.azure.com/scalesetpriority";
 /// Name of the run container.
 pub const RUN_CONTAINER: &str = "run";
 /// Name of the `/dev/shm` volume.
@@ -444,6 +449,14 @@ fn tolerations(spec: &RunSpec) -> Vec<Toleration> {
             key: Some(COMPUTE_CLUSTER_LABEL.into()),
             operator: Some("Equal".into()),
             value: Some(label_value(cc)),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        });
+        // Runs are restartable batch work: they may use the cluster's Spot pools.
+        t.push(Toleration {
+            key: Some(SPOT_TAINT_KEY.into()),
+            operator: Some("Equal".into()),
+            value: Some("spot".into()),
             effect: Some("NoSchedule".into()),
             toleration_seconds: None,
         });
@@ -831,6 +844,7 @@ mod tests {
             tol,
             json!([
                 {"key": "mlplane.io/compute-cluster", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"},
+                {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ])
         );

@@ -35,6 +35,10 @@ pub const ARTIFACTS_PVC: &str = "mlplane-artifacts";
 pub const QUOTA_NAME: &str = "mlplane-quota";
 pub const LIMIT_RANGE_NAME: &str = "mlplane-defaults";
 pub const NETWORK_POLICY_NAME: &str = "mlplane-isolation";
+/// Default CPU request of containers without one (the LimitRange).
+pub const DEFAULT_CPU_REQUEST: &str = "250m";
+/// Default memory request of containers without one (the LimitRange).
+pub const DEFAULT_MEMORY_REQUEST: &str = "512Mi";
 /// Annotation on a namespace that existed before its Workspace: the Delete
 /// policy then never deletes it.
 pub const ADOPTED_ANNOTATION: &str = "mlplane.io/adopted";
@@ -170,8 +174,8 @@ pub fn build(ws: &Workspace, operator_namespace: &str) -> Children {
             limits: vec![LimitRangeItem {
                 type_: "Container".into(),
                 default_request: Some(BTreeMap::from([
-                    ("cpu".to_string(), Quantity("250m".into())),
-                    ("memory".to_string(), Quantity("512Mi".into())),
+                    ("cpu".to_string(), Quantity(DEFAULT_CPU_REQUEST.into())),
+                    ("memory".to_string(), Quantity(DEFAULT_MEMORY_REQUEST.into())),
                 ])),
                 ..Default::default()
             }],

@@ -4,6 +4,7 @@
 //! what they share: the context, the error type with its metric category, the
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
+pub mod data_asset;
 pub mod experiment;
 pub mod run;
 pub mod workspace;
@@ -186,6 +187,41 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     kube::runtime::controller::Action::requeue(backoff)
 }
 
+/// The object of a guarded watch, or `None` after reporting (log and
+/// metric) a stored object that cannot be read: it waits for a change
+/// instead of being retried.
+pub fn readable<'a, K: Resource<DynamicType = ()>>(obj: &'a DeserializeGuard<K>, metrics: &Metrics) -> Option<&'a K> {
+    match &obj.0 {
+        Ok(k) => Some(k),
+        Err(invalid) => {
+            let kind = K::kind(&());
+            tracing::error!(kind = %kind, name = ?invalid.metadata.name, error = %invalid.error, "stored object cannot be read");
+            metrics
+                .reconcile_errors
+                .with_label_values(&[&kind, "invalid_object"])
+                .inc();
+            None
+        }
+    }
+}
+
+/// [`error_policy`] for controllers of guarded watches whose context
+/// dereferences to the shared [`Context`].
+pub fn guarded_error_policy<K, C>(
+    obj: std::sync::Arc<DeserializeGuard<K>>,
+    err: &Error,
+    ctx: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action
+where
+    K: Resource<DynamicType = ()>,
+    C: std::ops::Deref<Target = Context>,
+{
+    match &obj.0 {
+        Ok(k) => error_policy(k, err, &ctx),
+        Err(_) => kube::runtime::controller::Action::await_change(),
+    }
+}
+
 /// Controller watcher config: watch timeouts below the 240 s idle timeout of
 /// common cloud load balancers.
 pub fn watch_config() -> watcher::Config {
@@ -197,5 +233,6 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
     tokio::join!(
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
+        data_asset::run(ctx.clone(), stop.clone()),
     );
 }

@@ -62,6 +62,9 @@ pub const KEYS: [&str; 9] = [
 
 const PREFIXES: [&str; 3] = ["AWS_", "AZURE_", "GOOGLE_"];
 
+/// Keys that are settings, not secrets (kept in messages).
+const SETTINGS: [&str; 4] = [AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP, "AWS_DEFAULT_REGION"];
+
 /// Credentials for one store, by upper-case key.
 #[derive(Clone, Default)]
 pub struct Credentials {
@@ -186,15 +189,17 @@ impl Credentials {
             .map(|(k, v)| (k.to_ascii_lowercase(), v.expose_secret().to_string()))
     }
 
-    /// `text` with every credential value (of 4 or more characters) replaced
-    /// by `<redacted>`: for error messages that quote a server's answer.
+    /// `text` with every credential value (of 4 or more characters; not the
+    /// endpoint, region or allow-http settings) replaced by `<redacted>`: for
+    /// error messages that quote a server's answer.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         // Longest first, so a value containing another is replaced whole.
         let mut secrets: Vec<&str> = self
             .values
-            .values()
-            .map(|v| v.expose_secret())
+            .iter()
+            .filter(|(k, _)| !SETTINGS.contains(&k.as_str()))
+            .map(|(_, v)| v.expose_secret())
             .filter(|v| v.len() >= 4)
             .collect();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -233,6 +238,8 @@ mod tests {
             c.redact("denied for AKIAEXAMPLE with s3cr3t-value"),
             "denied for <redacted> with <redacted>"
         );
+        let c = Credentials::from_pairs([(AWS_ENDPOINT_URL.to_string(), "http://minio:9000".to_string())], "t");
+        assert_eq!(c.redact("GET http://minio:9000/b"), "GET http://minio:9000/b");
     }
 
     #[test]

@@ -120,35 +120,33 @@ impl StorageError {
     }
 }
 
-/// Causes the client only reports as text (a connect error deep in a retry).
+/// Causes the client only reports as text (a status deep in a retry error,
+/// a connect error): the server's answer first, then the transport.
 fn classify_text(debug: &str) -> Cause {
     let d = debug.to_ascii_lowercase();
-    if [
+    let any = |words: &[&str]| words.iter().any(|w| d.contains(w));
+    if any(&[
+        "status code: 401",
+        "status code: 403",
+        "accessdenied",
+        "invalidaccesskeyid",
+        "signaturedoesnotmatch",
+        "authorizationfailure",
+        "authenticationfailed",
+    ]) {
+        Cause::AccessDenied
+    } else if any(&["status code: 404", "nosuchbucket", "nosuchkey", "containernotfound"]) {
+        Cause::NotFound
+    } else if any(&[
         "connect",
-        "connection refused",
         "dns error",
         "timed out",
         "timeout",
         "unreachable",
-    ]
-    .iter()
-    .any(|s| d.contains(s))
-    {
+        "broken pipe",
+        "reset by peer",
+    ]) {
         Cause::Unreachable
-    } else if [
-        "403",
-        "401",
-        "accessdenied",
-        "invalidaccesskeyid",
-        "signaturedoesnotmatch",
-        "forbidden",
-    ]
-    .iter()
-    .any(|s| d.contains(s))
-    {
-        Cause::AccessDenied
-    } else if d.contains("404") || d.contains("nosuchbucket") {
-        Cause::NotFound
     } else {
         Cause::Failed
     }
@@ -370,5 +368,11 @@ mod tests {
             Cause::Unreachable
         );
         assert_eq!(classify_text("something else"), Cause::Failed);
+        assert_eq!(
+            classify_text(
+                "Error performing GET http://127.0.0.1:9/b?list-type=2 - Server returned non-2xx status code: 403 Forbidden: <Code>SignatureDoesNotMatch</Code>"
+            ),
+            Cause::AccessDenied
+        );
     }
 }

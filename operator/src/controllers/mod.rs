@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod data_asset;
 pub mod experiment;
+pub mod pinning;
 pub mod run;
 pub mod workspace;
 

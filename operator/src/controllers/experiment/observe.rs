@@ -1,8 +1,11 @@
-//! What the Experiment controller knows of the cluster without asking the API
-//! server: watch caches of run Jobs (without their pod templates, see
-//! [`slim_job`]), their pods (status only), namespaces and ComputeClusters
-//! (metadata only), plus the controller's own recent Job writes that the Job
-//! watch has not delivered yet.
+//! What a run controller (Experiment, Pipeline) knows of the cluster without
+//! asking the API server: watch caches of its run Jobs (selected by its
+//! parent label, `mlplane.io/experiment` or `mlplane.io/pipeline`; without
+//! their pod templates, see [`slim_job`]), their pods (status only),
+//! namespaces and ComputeClusters (metadata only), DataAssets (inputs are
+//! pinned from their status) and Workspaces (where outputs go), plus the
+//! controller's own recent writes that a watch has not delivered yet
+//! ([`Overlay`] for Jobs, [`StatusOverlay`] for its own objects' status).
 //!
 //! Owns: the reflectors and the write overlay. Must not write anything.
 //!
@@ -27,10 +30,10 @@ use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
-use crate::api::{ComputeCluster, ExperimentStatus};
-use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL};
+use crate::api::{ComputeCluster, DataAsset, ExperimentStatus, Workspace};
+use crate::controllers::run::build::RUN_LABEL;
 use crate::controllers::watch_config;
 
 /// How long a write stands in for a cache that has not shown it.
@@ -39,37 +42,57 @@ pub const OVERLAY_TTL: Duration = Duration::from_secs(60);
 /// What a write must show in the cache before the cache is trusted again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
-    /// The Job exists.
+    /// The object exists.
     Exists,
-    /// The Job carries this annotation.
+    /// The object carries this annotation.
     Annotation(&'static str),
+    /// The cached copy is this write or a later one: its resourceVersion is
+    /// at least the written one's (the API server's resourceVersions are
+    /// etcd revisions, increasing integers; one that does not parse as an
+    /// integer trusts the cache).
+    Version,
 }
 
 impl Expect {
-    fn seen_in(&self, cached: &Job) -> bool {
+    fn seen_in<K: Resource>(&self, cached: &K, written: &K) -> bool {
         match self {
             Expect::Exists => true,
             Expect::Annotation(key) => cached.annotations().contains_key(*key),
+            Expect::Version => {
+                let rv = |k: &K| k.meta().resource_version.as_deref().and_then(|v| v.parse::<u64>().ok());
+                match (rv(cached), rv(written)) {
+                    (Some(c), Some(w)) => c >= w,
+                    _ => true,
+                }
+            }
         }
     }
 }
 
-struct Written {
-    job: Job,
+struct Written<K> {
+    job: K,
     expect: Expect,
     at: Instant,
 }
 
-/// The controller's own Job writes not yet seen in the cache, by namespace
-/// and name.
-#[derive(Default)]
-pub struct Overlay {
-    entries: Mutex<HashMap<(String, String), Written>>,
+/// The controller's own writes not yet seen in the cache, by namespace and
+/// name: Jobs, or (with [`Expect::Version`]) the controller's own objects
+/// after a status write.
+pub struct Overlay<K = Job> {
+    entries: Mutex<HashMap<(String, String), Written<K>>>,
 }
 
-impl Overlay {
-    /// Remembers a Job the API server returned for a write of ours.
-    pub fn record(&self, job: &Job, expect: Expect) {
+impl<K> Default for Overlay<K> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Resource + Clone> Overlay<K> {
+    /// Remembers an object the API server returned for a write of ours.
+    pub fn record(&self, job: &K, expect: Expect) {
         let key = (job.namespace().unwrap_or_default(), job.name_any());
         let mut entries = self.entries.lock().expect("overlay lock");
         // A second write to the same Job: its answer includes the first.
@@ -85,7 +108,7 @@ impl Overlay {
 
     /// `cached` (the Jobs of one experiment in `ns`) with this process's
     /// writes laid over; `belongs` tells whether a written Job is one of them.
-    pub fn merge(&self, ns: &str, mut cached: Vec<Job>, belongs: impl Fn(&Job) -> bool) -> Vec<Job> {
+    pub fn merge(&self, ns: &str, mut cached: Vec<K>, belongs: impl Fn(&K) -> bool) -> Vec<K> {
         let mut entries = self.entries.lock().expect("overlay lock");
         let now = Instant::now();
         entries.retain(|_, w| now.duration_since(w.at) < OVERLAY_TTL);
@@ -93,8 +116,8 @@ impl Overlay {
             if wns != ns || !belongs(&w.job) {
                 return true;
             }
-            match cached.iter_mut().find(|j| j.metadata.name.as_deref() == Some(name)) {
-                Some(c) if w.expect.seen_in(c) => false,
+            match cached.iter_mut().find(|j| j.meta().name.as_deref() == Some(name)) {
+                Some(c) if w.expect.seen_in(c, &w.job) => false,
                 Some(c) => {
                     *c = w.job.clone();
                     true
@@ -106,6 +129,21 @@ impl Overlay {
             }
         });
         cached
+    }
+
+    /// The newest known copy of one object: `cached`, unless a write of ours
+    /// is newer than it.
+    pub fn latest(&self, cached: K) -> K {
+        let key = (cached.namespace().unwrap_or_default(), cached.name_any());
+        let mut entries = self.entries.lock().expect("overlay lock");
+        match entries.get(&key) {
+            Some(w) if w.at.elapsed() < OVERLAY_TTL && !w.expect.seen_in(&cached, &w.job) => w.job.clone(),
+            Some(_) => {
+                entries.remove(&key);
+                cached
+            }
+            None => cached,
+        }
     }
 
     /// Entries held (for tests and debugging).
@@ -121,10 +159,14 @@ impl Overlay {
 /// The caches and the streams that fill them (the controller polls the Job
 /// and pod streams as its triggers; the other two are driven by [`drive`]).
 pub struct Caches {
+    /// The label naming the parent of the cached Jobs and pods.
+    pub parent_label: &'static str,
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
+    pub data_assets: Store<DataAsset>,
+    pub workspaces: Store<Workspace>,
     pub overlay: Overlay,
     pub statuses: StatusOverlay<ExperimentStatus>,
     ready: tokio::sync::watch::Sender<bool>,
@@ -138,11 +180,29 @@ pub struct Streams {
     pub pods: Touched<Pod>,
     pub namespaces: Touched<PartialObjectMeta<Namespace>>,
     pub clusters: Touched<PartialObjectMeta<ComputeCluster>>,
+    pub data_assets: Touched<DataAsset>,
+    pub workspaces: Touched<Workspace>,
 }
 
-/// Starts the reflectors (lazily: nothing is listed until a stream is polled).
-pub fn caches(client: &Client) -> (Caches, Streams) {
-    let labelled = watch_config().labels(EXPERIMENT_LABEL);
+/// A reflector of every `K` with managedFields stripped.
+fn reflect_all<K>(client: &Client) -> (Store<K>, Touched<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watch_config())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (store, stream)
+}
+
+/// Starts the reflectors (lazily: nothing is listed until a stream is
+/// polled). Jobs and pods are those labelled `parent_label`.
+pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) {
+    let labelled = watch_config().labels(parent_label);
     let (jobs, jobs_w) = reflector::store();
     let job_stream = watcher(Api::<Job>::all(client.clone()), labelled.clone())
         .default_backoff()
@@ -180,12 +240,17 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
     .reflect(cc_w)
     .touched_objects()
     .boxed();
+    let (data_assets, da_stream) = reflect_all::<DataAsset>(client);
+    let (workspaces, ws_stream) = reflect_all::<Workspace>(client);
     (
         Caches {
+            parent_label,
             jobs,
             pods,
             namespaces,
             clusters,
+            data_assets,
+            workspaces,
             overlay: Overlay::default(),
             statuses: StatusOverlay::default(),
             ready: tokio::sync::watch::Sender::new(false),
@@ -195,6 +260,8 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
             pods: pod_stream,
             namespaces: ns_stream,
             clusters: cc_stream,
+            data_assets: da_stream,
+            workspaces: ws_stream,
         },
     )
 }
@@ -231,16 +298,19 @@ impl Caches {
         let _ = self.pods.wait_until_ready().await;
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.clusters.wait_until_ready().await;
+        let _ = self.data_assets.wait_until_ready().await;
+        let _ = self.workspaces.wait_until_ready().await;
         self.ready.send_replace(true);
     }
 
-    /// The Jobs owned by the Experiment `uid` named `name` in `ns`: cache
-    /// and overlay.
+    /// The Jobs owned by the parent `uid` named `name` in `ns`: cache and
+    /// overlay.
     pub fn jobs_of(&self, ns: &str, name: &str, uid: &str) -> Vec<Job> {
         let label = crate::controllers::run::names::label_value(name);
+        let parent_label = self.parent_label;
         let belongs = |j: &Job| {
             j.namespace().as_deref() == Some(ns)
-                && j.labels().get(EXPERIMENT_LABEL) == Some(&label)
+                && j.labels().get(parent_label) == Some(&label)
                 && j.owner_references().iter().any(|o| o.uid == uid)
         };
         let cached: Vec<Job> = self
@@ -281,13 +351,23 @@ impl Caches {
         self.clusters.get(&ObjectRef::new(name)).is_some()
     }
 
-    /// The Experiment owning the run Job a pod belongs to (pods carry the
-    /// run's Job name; Experiment names in labels may be shortened).
-    pub fn owner_of_pod(&self, pod: &Pod) -> Option<ObjectRef<crate::api::Experiment>> {
+    /// The parent (of kind `K`) owning the run Job a pod belongs to (pods
+    /// carry the run's Job name; parent names in labels may be shortened).
+    pub fn owner_of_pod<K: Resource<DynamicType = ()>>(&self, pod: &Pod) -> Option<ObjectRef<K>> {
         let ns = pod.namespace()?;
         let run = pod.labels().get(RUN_LABEL)?;
         let job = self.jobs.get(&ObjectRef::new(run).within(&ns))?;
-        owner_experiment(&job)
+        owner_of(&job)
+    }
+
+    /// The DataAsset `name` in `ns`.
+    pub fn data_asset(&self, ns: &str, name: &str) -> Option<std::sync::Arc<DataAsset>> {
+        self.data_assets.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The Workspace whose namespace is `ns`.
+    pub fn workspace_of(&self, ns: &str) -> Option<std::sync::Arc<Workspace>> {
+        self.workspaces.state().into_iter().find(|w| w.target_namespace() == ns)
     }
 }
 
@@ -412,12 +492,13 @@ impl<S: Clone + PartialEq> StatusOverlay<S> {
     }
 }
 
-/// The Experiment a Job's controller ownerReference names.
-pub fn owner_experiment(job: &Job) -> Option<ObjectRef<crate::api::Experiment>> {
+/// The parent (of kind `K`) a Job's controller ownerReference names.
+pub fn owner_of<K: Resource<DynamicType = ()>>(job: &Job) -> Option<ObjectRef<K>> {
     let ns = job.namespace()?;
+    let kind = K::kind(&());
     job.owner_references()
         .iter()
-        .find(|o| o.kind == "Experiment" && o.controller == Some(true))
+        .find(|o| o.kind == kind && o.controller == Some(true))
         .map(|o| ObjectRef::new(&o.name).within(&ns))
 }
 
@@ -429,7 +510,7 @@ mod tests {
     fn job(name: &str, annotations: serde_json::Value) -> Job {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "ns", "annotations": annotations,
-                         "labels": {EXPERIMENT_LABEL: "e"}},
+                         "labels": {crate::controllers::run::build::EXPERIMENT_LABEL: "e"}},
         }))
         .unwrap()
     }
@@ -545,6 +626,22 @@ mod tests {
         assert_eq!(o.current("u", Some(&2)), Some(2));
         // Caught up: the entry is gone, a later change by someone else is seen.
         assert_eq!(o.current("u", Some(&3)), Some(3));
+    }
+
+    #[test]
+    fn a_status_write_stands_in_until_the_cache_has_it_or_something_newer() {
+        let overlay: Overlay<Job> = Overlay::default();
+        let at = |rv: &str, note: &str| {
+            let mut j = job("p", json!({"note": note}));
+            j.metadata.resource_version = Some(rv.into());
+            j
+        };
+        overlay.record(&at("10", "written"), Expect::Version);
+        assert_eq!(overlay.latest(at("9", "stale")).annotations()["note"], "written");
+        assert_eq!(overlay.len(), 1);
+        assert_eq!(overlay.latest(at("11", "newer")).annotations()["note"], "newer");
+        assert!(overlay.is_empty());
+        assert_eq!(overlay.latest(at("5", "cached")).annotations()["note"], "cached");
     }
 
     #[test]

@@ -11,10 +11,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use mlplane::api::DataAsset;
+use kube::{Client, ResourceExt};
+use mlplane::api::{DataAsset, Experiment};
 use mlplane_test_support::*;
 use serde_json::{Value, json};
 
@@ -548,5 +549,181 @@ async fn records_are_written_by_the_operator_and_read_by_the_workspace() -> Resu
     assert_eq!(e.code.as_deref(), Some("PERMISSION_DENIED"), "{e}");
     let e = stranger.lookup_step_cache(&ws, &["k".into()]).await.unwrap_err();
     assert_eq!(e.code.as_deref(), Some("PERMISSION_DENIED"), "{e}");
+    Ok(())
+}
+
+/// A Workspace (deleted with its namespace when dropped) whose artifact store
+/// is a bucket of the fixture's S3 server, with the Secret `s3` for it.
+struct Ws(String);
+
+impl Drop for Ws {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "workspace", &self.0, "--wait=false"]);
+    }
+}
+
+async fn s3_workspace(admin: &Client, prefix: &str) -> Result<Ws> {
+    let f = fixture();
+    let name = format!("{prefix}-{}", random_suffix());
+    create_ready_workspace(
+        admin,
+        &name,
+        json!({"deletionPolicy": "Delete",
+               "storage": {"artifacts": {"uri": format!("s3://datasets/{name}/artifacts"), "secretRef": {"name": "s3"}}}}),
+    )
+    .await?;
+    Api::<Secret>::namespaced(admin.clone(), &name)
+        .create(&PostParams::default(), &f.s3.secret("s3", S3_SECRET_KEY))
+        .await?;
+    Ok(Ws(name))
+}
+
+fn pod_spec(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
+    job.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+#[tokio::test]
+async fn experiment_runs_pin_the_latest_version_when_they_start() -> Result<()> {
+    let f = fixture();
+    let admin = admin_client().await?;
+    let ws = s3_workspace(&admin, "da-exp").await?;
+    let ns = ws.0.as_str();
+    let uri = format!("s3://datasets/{ns}/train/");
+    f.s3.put(&uri, "part-0.csv", b"x,y\n1,2\n").await?;
+    let assets: Api<DataAsset> = Api::namespaced(admin.clone(), ns);
+    assets
+        .create(
+            &PostParams::default(),
+            &asset(
+                "train",
+                json!({"type": "UriFolder", "source": {"uri": uri, "secretRef": {"name": "s3"}}}),
+            )?,
+        )
+        .await?;
+    let d = wait_asset(&assets, "train", "version 1", |d| latest(d).as_deref() == Some("1")).await?;
+    let v1 = status(&d)["versions"][0]["digest"]
+        .as_str()
+        .context("digest")?
+        .to_string();
+
+    let exps: Api<Experiment> = Api::namespaced(admin.clone(), ns);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
+    let exp: Experiment = serde_json::from_value(json!({
+        "apiVersion": "mlplane.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "fit"},
+        "spec": {
+            "environment": {"image": "python:3.12"},
+            "command": ["python", "train.py", "${{inputs.data}}", "${{inputs.extra}}", "${{outputs.model}}"],
+            "inputs": {"data": {"dataAsset": "train", "version": "latest", "mode": "Download"},
+                       "extra": {"uri": "s3://public/extra/"}},
+            "outputs": {"model": {}},
+            "resources": {"cpu": "100m", "memory": "128Mi"},
+            "podMetadata": {"annotations": {"sim.mlplane.io/duration": "1s"}},
+        },
+    }))?;
+    exps.create(&PostParams::default(), &exp).await?;
+    let job = wait_for(&jobs, "fit-1", Duration::from_secs(60), "Job fit-1", |_| true).await?;
+
+    // The Job carries the pin: name, version and digest.
+    let pins: Value = serde_json::from_str(
+        job.annotations()
+            .get("mlplane.io/inputs")
+            .context("inputs annotation")?,
+    )?;
+    assert_eq!(
+        pins["data"],
+        json!({"dataAsset": "train", "version": "1", "digest": v1, "uri": uri})
+    );
+    assert_eq!(pins["extra"], json!({"uri": "s3://public/extra/"}));
+    // Download: the operator image's fetch into an emptyDir, with the digest and the asset's Secret.
+    let pod = pod_spec(&job);
+    let init = &pod.init_containers.as_ref().context("init containers")?[0];
+    assert_eq!(
+        init.command.as_ref().unwrap(),
+        &[
+            "mlplane",
+            "fetch",
+            "--source",
+            uri.as_str(),
+            "--dest",
+            "/mnt/inputs/data",
+            "--digest",
+            v1.as_str()
+        ]
+    );
+    assert_eq!(
+        init.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name,
+        "s3"
+    );
+    let model = format!("s3://datasets/{ns}/artifacts/experiments/fit/fit-1/model");
+    assert_eq!(
+        pod.containers[0].command.as_ref().unwrap(),
+        &[
+            "python",
+            "train.py",
+            "/mnt/inputs/data",
+            "s3://public/extra/",
+            model.as_str()
+        ]
+    );
+    // Outputs in the workspace's store, its credentials as envFrom.
+    assert_eq!(
+        pod.containers[0].env_from.as_ref().unwrap()[0]
+            .secret_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "s3"
+    );
+
+    let e = wait_for(&exps, "fit", Duration::from_secs(60), "run 1 succeeded", |e| {
+        e.status.as_ref().is_some_and(|s| {
+            s.runs
+                .first()
+                .is_some_and(|r| r.phase == mlplane::api::RunPhase::Succeeded)
+        })
+    })
+    .await?;
+    let run = &e.status.as_ref().unwrap().runs[0];
+    assert_eq!(run.inputs["data"].version.as_deref(), Some("1"));
+    assert_eq!(run.inputs["data"].digest.as_deref(), Some(v1.as_str()));
+
+    // New data: version 2; the next run pins it, the first keeps version 1.
+    f.s3.put(&uri, "part-1.csv", b"x,y\n3,4\n").await?;
+    let d = refresh(&assets, "train", "1").await?;
+    assert_eq!(latest(&d).as_deref(), Some("2"));
+    exps.patch(
+        "fit",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"mlplane.io/rerun": "again"}}})),
+    )
+    .await?;
+    let e = wait_for(&exps, "fit", Duration::from_secs(60), "run 2 recorded", |e| {
+        e.status.as_ref().is_some_and(|s| s.runs.len() == 2)
+    })
+    .await?;
+    let runs = &e.status.as_ref().unwrap().runs;
+    assert_eq!(
+        (runs[0].name.as_str(), runs[0].inputs["data"].version.as_deref()),
+        ("fit-2", Some("2"))
+    );
+    assert_eq!(
+        (runs[1].name.as_str(), runs[1].inputs["data"].version.as_deref()),
+        ("fit-1", Some("1"))
+    );
+
+    // An input naming a missing DataAsset: Pending with a reason, no Job.
+    let mut missing = exp.clone();
+    missing.metadata.name = Some("nodata".into());
+    missing.spec.inputs.get_mut("data").unwrap().data_asset = Some("absent".into());
+    exps.create(&PostParams::default(), &missing).await?;
+    let e = wait_for(&exps, "nodata", Duration::from_secs(60), "DataAssetNotFound", |e| {
+        e.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.reason == "DataAssetNotFound")
+    })
+    .await?;
+    assert_eq!(e.status.as_ref().unwrap().phase, Some(mlplane::api::RunPhase::Pending));
+    assert!(jobs.get_opt("nodata-1").await?.is_none());
     Ok(())
 }

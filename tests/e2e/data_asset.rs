@@ -489,20 +489,10 @@ async fn records_are_the_same_on_sqlite_and_postgresql() -> Result<()> {
 async fn records_are_written_by_the_operator_and_read_by_the_workspace() -> Result<()> {
     let f = fixture();
     let admin = admin_client().await?;
-    let ws = format!("da-auth-{}", random_suffix());
-    create_ready_workspace(&admin, &ws, json!({"deletionPolicy": "Delete"})).await?;
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = kubectl(&["delete", "workspace", &self.0, "--wait=false"]);
-        }
-    }
-    let _gone = Gone(ws.clone());
+    let guard = s3_workspace(&admin, &f.s3, "datasets", "da-auth").await?;
+    let ws = guard.0.clone();
     let uri = format!("s3://datasets/{ws}/d/");
     f.s3.put(&uri, "x", b"x").await?;
-    Api::<Secret>::namespaced(admin.clone(), &ws)
-        .create(&PostParams::default(), &f.s3.secret("s3", S3_SECRET_KEY))
-        .await?;
     let api: Api<DataAsset> = Api::namespaced(admin.clone(), &ws);
     api.create(
         &PostParams::default(),
@@ -552,32 +542,6 @@ async fn records_are_written_by_the_operator_and_read_by_the_workspace() -> Resu
     Ok(())
 }
 
-/// A Workspace (deleted with its namespace when dropped) whose artifact store
-/// is a bucket of the fixture's S3 server, with the Secret `s3` for it.
-struct Ws(String);
-
-impl Drop for Ws {
-    fn drop(&mut self) {
-        let _ = kubectl(&["delete", "workspace", &self.0, "--wait=false"]);
-    }
-}
-
-async fn s3_workspace(admin: &Client, prefix: &str) -> Result<Ws> {
-    let f = fixture();
-    let name = format!("{prefix}-{}", random_suffix());
-    create_ready_workspace(
-        admin,
-        &name,
-        json!({"deletionPolicy": "Delete",
-               "storage": {"artifacts": {"uri": format!("s3://datasets/{name}/artifacts"), "secretRef": {"name": "s3"}}}}),
-    )
-    .await?;
-    Api::<Secret>::namespaced(admin.clone(), &name)
-        .create(&PostParams::default(), &f.s3.secret("s3", S3_SECRET_KEY))
-        .await?;
-    Ok(Ws(name))
-}
-
 fn pod_spec(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
     job.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
 }
@@ -586,7 +550,7 @@ fn pod_spec(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
 async fn experiment_runs_pin_the_latest_version_when_they_start() -> Result<()> {
     let f = fixture();
     let admin = admin_client().await?;
-    let ws = s3_workspace(&admin, "da-exp").await?;
+    let ws = s3_workspace(&admin, &f.s3, "datasets", "da-exp").await?;
     let ns = ws.0.as_str();
     let uri = format!("s3://datasets/{ns}/train/");
     f.s3.put(&uri, "part-0.csv", b"x,y\n1,2\n").await?;

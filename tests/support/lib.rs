@@ -1230,3 +1230,31 @@ impl TrackedOperator {
         )
     }
 }
+
+/// A Workspace deleted (without waiting) when dropped.
+pub struct WorkspaceGuard(pub String);
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "workspace", &self.0, "--wait=false"]);
+    }
+}
+
+/// A ready Workspace `<prefix>-<suffix>` whose artifact store is
+/// `s3://<bucket>/<name>/artifacts` on `s3`, with the Secret `s3` (that
+/// server's credentials) in its namespace.
+pub async fn s3_workspace(admin: &Client, s3: &S3Server, bucket: &str, prefix: &str) -> Result<WorkspaceGuard> {
+    let name = format!("{prefix}-{}", random_suffix());
+    create_ready_workspace(
+        admin,
+        &name,
+        serde_json::json!({"deletionPolicy": "Delete",
+               "storage": {"artifacts": {"uri": format!("s3://{bucket}/{name}/artifacts"), "secretRef": {"name": "s3"}}}}),
+    )
+    .await?;
+    let guard = WorkspaceGuard(name.clone());
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &name)
+        .create(&PostParams::default(), &s3.secret("s3", S3_SECRET_KEY))
+        .await?;
+    Ok(guard)
+}

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod data_asset;
 pub mod experiment;
 pub mod pinning;
+pub mod pipeline;
 pub mod run;
 pub mod workspace;
 
@@ -81,13 +82,28 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        self.event_related(obj, type_, reason, action, note, None).await
+    }
+
+    /// [`Context::event`] with a related object (e.g. the Job of a pipeline
+    /// step). Events that repeat a reason and action on the same object form
+    /// one series; a related object tells them apart.
+    pub async fn event_related<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
         self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            secondary: related,
         };
         let reference = obj.object_ref(&());
         let recorder = self.recorder.clone();
@@ -235,5 +251,6 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
         data_asset::run(ctx.clone(), stop.clone()),
+        pipeline::run(ctx.clone(), stop.clone()),
     );
 }

@@ -998,12 +998,23 @@ pub struct S3Server {
     pub dir: PathBuf,
     pub endpoint: String,
     pub port: u16,
+    /// Keep the data directory when dropped (only stop the server).
+    keep: bool,
 }
 
 impl S3Server {
     /// Starts a server with the given buckets.
     pub fn start(buckets: &[&str]) -> Result<Self> {
-        let dir = repo_root().join(format!(".cluster/minio-{}", random_suffix()));
+        Self::start_at(
+            repo_root().join(format!(".cluster/minio-{}", random_suffix())),
+            buckets,
+            false,
+        )
+    }
+
+    /// Starts a server on the data in `dir` (created if missing), kept after
+    /// the server stops when `keep` (e.g. a benchmark's seeded objects).
+    pub fn start_at(dir: PathBuf, buckets: &[&str], keep: bool) -> Result<Self> {
         let mut cmd = std::process::Command::new(repo_root().join("hack/minio.sh"));
         cmd.arg("start").arg(&dir).arg("").args(buckets);
         let endpoint = run_cmd(&mut cmd)?.trim().to_string();
@@ -1012,7 +1023,12 @@ impl S3Server {
             .next()
             .and_then(|p| p.parse().ok())
             .context("minio port")?;
-        Ok(Self { dir, endpoint, port })
+        Ok(Self {
+            dir,
+            endpoint,
+            port,
+            keep,
+        })
     }
 
     /// Stops the server (data kept).
@@ -1081,7 +1097,7 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = std::process::Command::new(repo_root().join("hack/minio.sh"))
-            .arg("remove")
+            .arg(if self.keep { "stop" } else { "remove" })
             .arg(&self.dir)
             .output();
     }

@@ -204,17 +204,23 @@ pub async fn list(
             Ok(Manifest::new(vec![Entry::of(name, &meta)]))
         }
         Shape::Folder => {
+            // Each listed object becomes its entry at once: the listing's
+            // metadata is never all held (a 100,000-object listing costs the
+            // entries only).
             let prefix = Some(&loc.prefix).filter(|p| !p.as_ref().is_empty());
-            let metas: Vec<ObjectMeta> = loc
-                .store
-                .list(prefix)
-                .try_collect()
+            let mut stream = loc.store.list(prefix);
+            let mut entries = Vec::new();
+            while let Some(m) = stream
+                .try_next()
                 .await
-                .map_err(|e| StorageError::from_store(&e, &format!("listing {uri}"), credentials))?;
-            if metas.is_empty() {
+                .map_err(|e| StorageError::from_store(&e, &format!("listing {uri}"), credentials))?
+            {
+                entries.push(Entry::of(relative(&loc.prefix, &m.location), &m));
+            }
+            if entries.is_empty() {
                 return Err(StorageError::new(Cause::NotFound, format!("no objects under {uri}")));
             }
-            Ok(Manifest::from_listing(&loc.prefix, metas))
+            Ok(Manifest::new(entries))
         }
     }
 }

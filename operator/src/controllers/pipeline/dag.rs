@@ -90,19 +90,28 @@ impl Dag {
     }
 }
 
-/// Parses one step input value.
-fn parse_source(value: &str) -> Option<Result<(Option<String>, Option<(String, String)>), ()>> {
+/// A step input value that is a reference.
+enum Reference {
+    /// `${{inputs.<name>}}`.
+    Input(String),
+    /// `${{steps.<step>.outputs.<output>}}`.
+    Output(String, String),
+    /// `${{...}}` of neither form.
+    Malformed,
+}
+
+/// Parses one step input value (`None`: not a reference, a URI).
+fn parse_source(value: &str) -> Option<Reference> {
     let inner = value.strip_prefix("${{")?.strip_suffix("}}")?.trim();
     if let Some(name) = inner.strip_prefix("inputs.") {
-        return Some(Ok((Some(name.to_string()), None)));
+        return Some(Reference::Input(name.to_string()));
     }
-    if let Some(rest) = inner.strip_prefix("steps.") {
-        return Some(match rest.split_once(".outputs.") {
-            Some((s, o)) => Ok((None, Some((s.to_string(), o.to_string())))),
-            None => Err(()),
-        });
-    }
-    Some(Err(()))
+    Some(
+        match inner.strip_prefix("steps.").and_then(|r| r.split_once(".outputs.")) {
+            Some((s, o)) => Reference::Output(s.to_string(), o.to_string()),
+            None => Reference::Malformed,
+        },
+    )
 }
 
 fn known(names: impl Iterator<Item = impl AsRef<str>>) -> String {
@@ -126,12 +135,12 @@ pub fn build(spec: &PipelineSpec) -> Result<Dag, DagError> {
             let field = format!("spec.steps[{i}].inputs.{k}");
             let source = match parse_source(v) {
                 None => Source::Uri(v.clone()),
-                Some(Err(())) => {
+                Some(Reference::Malformed) => {
                     return Err(DagError::reference(format!(
                         "{field}: {v:?} is neither ${{{{inputs.<name>}}}}, ${{{{steps.<step>.outputs.<output>}}}} nor a URI"
                     )));
                 }
-                Some(Ok((Some(input), _))) => {
+                Some(Reference::Input(input)) => {
                     if !spec.inputs.contains_key(&input) {
                         return Err(DagError::reference(format!(
                             "{field}: unknown pipeline input {input:?} (spec.inputs has {})",
@@ -140,7 +149,7 @@ pub fn build(spec: &PipelineSpec) -> Result<Dag, DagError> {
                     }
                     Source::Pipeline(input)
                 }
-                Some(Ok((None, Some((s, o))))) => {
+                Some(Reference::Output(s, o)) => {
                     let Some(&j) = index.get(&s) else {
                         return Err(DagError::reference(format!(
                             "{field}: unknown step {s:?} (steps are {})",
@@ -156,7 +165,6 @@ pub fn build(spec: &PipelineSpec) -> Result<Dag, DagError> {
                     upstream[i].insert(j);
                     Source::Step { step: j, output: o }
                 }
-                Some(Ok((None, None))) => unreachable!("parse_source returns one of the two"),
             };
             inputs[i].insert(k.clone(), source);
         }

@@ -296,10 +296,7 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
                 if ctx.caches.namespace_terminating(&ns) {
                     return Ok(Action::await_change());
                 }
-                match start_run(&pl, ctx, &api, &mut status, &token, &now).await? {
-                    Ok(()) => None,
-                    Err(b) => Some(b),
-                }
+                start_run(&pl, ctx, &api, &mut status, &token, &now).await?.err()
             }
         };
     } else if let Some(p) = spec_problem {

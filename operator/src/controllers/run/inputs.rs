@@ -403,9 +403,7 @@ mod tests {
             (p.location(), p.pin.digest.as_deref()),
             ("s3://old/", Some("sha256:seven"))
         );
-        for r in [e.reason] {
-            assert!(WAITING_REASONS.contains(&r));
-        }
+        assert!(WAITING_REASONS.contains(&e.reason));
     }
 
     #[test]

@@ -475,3 +475,39 @@ async fn a_missing_data_asset_waits_and_starts_when_it_appears() -> Result<()> {
     let _ = r.inputs.get("raw").context("pinned")?;
     Ok(())
 }
+
+/// No hot loop: once a run has ended and a DataAsset has its version, a
+/// reconcile (the fixture resyncs every 30 s) writes nothing to them.
+#[tokio::test]
+async fn converged_pipelines_and_data_assets_are_left_alone() -> Result<()> {
+    let _ = fixture();
+    let admin = admin_client().await?;
+    let (ws, _) = workspace_with_data(&admin, "pl-quiet").await?;
+    let api: Api<Pipeline> = Api::namespaced(admin.clone(), &ws.0);
+    let assets: Api<DataAsset> = Api::namespaced(admin.clone(), &ws.0);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), &ws.0);
+    let steps = json!([
+        {"name": "prep", "command": ["prep", "${{inputs.raw}}", "${{outputs.o}}"], "outputs": {"o": {}}},
+        {"name": "fit", "inputs": {"x": "${{steps.prep.outputs.o}}"}, "command": ["fit", "${{inputs.x}}"]}
+    ]);
+    api.create(&PostParams::default(), &pipeline("quiet", steps, json!({}))?)
+        .await?;
+    let r = wait_run(&api, "quiet", 1).await?;
+    assert_eq!(r.phase, RunPhase::Succeeded);
+    // Let the last events settle, then take every resourceVersion.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let versions = || async {
+        let mut v = vec![
+            api.get("quiet").await?.resource_version(),
+            assets.get("sales").await?.resource_version(),
+        ];
+        for j in step_jobs(&jobs, "quiet").await? {
+            v.push(j.resource_version());
+        }
+        Ok::<_, anyhow::Error>(v)
+    };
+    let before = versions().await?;
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(versions().await?, before, "a converged object was written");
+    Ok(())
+}

@@ -68,24 +68,14 @@ where
     if current == Some(status) {
         return Ok(false);
     }
-    patch_status(api, name, status).await?;
-    Ok(true)
-}
-
-/// Patches the status subresource with `status` (server-side apply) and
-/// returns the object as the API server answered it.
-pub async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> kube::Result<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-    S: Serialize,
-{
     let body = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(name, &pp, &Patch::Apply(&body)).await
+    api.patch_status(name, &pp, &Patch::Apply(&body)).await?;
+    Ok(true)
 }
 
 #[cfg(test)]

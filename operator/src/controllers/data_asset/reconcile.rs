@@ -27,6 +27,7 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use tokio_util::sync::CancellationToken;
 
 use super::refresh::{Due, Outcome, Trigger, blocked_status, due, next_status, refresh_token};
@@ -119,6 +120,13 @@ fn retry_delay(failures: u32) -> Duration {
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<DataAsset>>::all(client), watch_config());
+    // A new spec or a changed annotation (`mlplane.io/refresh`) is work; the
+    // controller's own status writes are not (refreshes due later are
+    // requeued).
+    let stream = stream.predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
     let dctx = Arc::new(DataAssetContext {
         base: ctx,
         attempts: Mutex::default(),

@@ -42,57 +42,37 @@ pub const OVERLAY_TTL: Duration = Duration::from_secs(60);
 /// What a write must show in the cache before the cache is trusted again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
-    /// The object exists.
+    /// The Job exists.
     Exists,
-    /// The object carries this annotation.
+    /// The Job carries this annotation.
     Annotation(&'static str),
-    /// The cached copy is this write or a later one: its resourceVersion is
-    /// at least the written one's (the API server's resourceVersions are
-    /// etcd revisions, increasing integers; one that does not parse as an
-    /// integer trusts the cache).
-    Version,
 }
 
 impl Expect {
-    fn seen_in<K: Resource>(&self, cached: &K, written: &K) -> bool {
+    fn seen_in(&self, cached: &Job) -> bool {
         match self {
             Expect::Exists => true,
             Expect::Annotation(key) => cached.annotations().contains_key(*key),
-            Expect::Version => {
-                let rv = |k: &K| k.meta().resource_version.as_deref().and_then(|v| v.parse::<u64>().ok());
-                match (rv(cached), rv(written)) {
-                    (Some(c), Some(w)) => c >= w,
-                    _ => true,
-                }
-            }
         }
     }
 }
 
-struct Written<K> {
-    job: K,
+struct Written {
+    job: Job,
     expect: Expect,
     at: Instant,
 }
 
-/// The controller's own writes not yet seen in the cache, by namespace and
-/// name: Jobs, or (with [`Expect::Version`]) the controller's own objects
-/// after a status write.
-pub struct Overlay<K = Job> {
-    entries: Mutex<HashMap<(String, String), Written<K>>>,
+/// The controller's own Job writes not yet seen in the cache, by namespace
+/// and name.
+#[derive(Default)]
+pub struct Overlay {
+    entries: Mutex<HashMap<(String, String), Written>>,
 }
 
-impl<K> Default for Overlay<K> {
-    fn default() -> Self {
-        Self {
-            entries: Mutex::default(),
-        }
-    }
-}
-
-impl<K: Resource + Clone> Overlay<K> {
-    /// Remembers an object the API server returned for a write of ours.
-    pub fn record(&self, job: &K, expect: Expect) {
+impl Overlay {
+    /// Remembers a Job the API server returned for a write of ours.
+    pub fn record(&self, job: &Job, expect: Expect) {
         let key = (job.namespace().unwrap_or_default(), job.name_any());
         let mut entries = self.entries.lock().expect("overlay lock");
         // A second write to the same Job: its answer includes the first.
@@ -108,7 +88,7 @@ impl<K: Resource + Clone> Overlay<K> {
 
     /// `cached` (the Jobs of one experiment in `ns`) with this process's
     /// writes laid over; `belongs` tells whether a written Job is one of them.
-    pub fn merge(&self, ns: &str, mut cached: Vec<K>, belongs: impl Fn(&K) -> bool) -> Vec<K> {
+    pub fn merge(&self, ns: &str, mut cached: Vec<Job>, belongs: impl Fn(&Job) -> bool) -> Vec<Job> {
         let mut entries = self.entries.lock().expect("overlay lock");
         let now = Instant::now();
         entries.retain(|_, w| now.duration_since(w.at) < OVERLAY_TTL);
@@ -116,8 +96,8 @@ impl<K: Resource + Clone> Overlay<K> {
             if wns != ns || !belongs(&w.job) {
                 return true;
             }
-            match cached.iter_mut().find(|j| j.meta().name.as_deref() == Some(name)) {
-                Some(c) if w.expect.seen_in(c, &w.job) => false,
+            match cached.iter_mut().find(|j| j.metadata.name.as_deref() == Some(name)) {
+                Some(c) if w.expect.seen_in(c) => false,
                 Some(c) => {
                     *c = w.job.clone();
                     true
@@ -129,21 +109,6 @@ impl<K: Resource + Clone> Overlay<K> {
             }
         });
         cached
-    }
-
-    /// The newest known copy of one object: `cached`, unless a write of ours
-    /// is newer than it.
-    pub fn latest(&self, cached: K) -> K {
-        let key = (cached.namespace().unwrap_or_default(), cached.name_any());
-        let mut entries = self.entries.lock().expect("overlay lock");
-        match entries.get(&key) {
-            Some(w) if w.at.elapsed() < OVERLAY_TTL && !w.expect.seen_in(&cached, &w.job) => w.job.clone(),
-            Some(_) => {
-                entries.remove(&key);
-                cached
-            }
-            None => cached,
-        }
     }
 
     /// Entries held (for tests and debugging).
@@ -626,22 +591,6 @@ mod tests {
         assert_eq!(o.current("u", Some(&2)), Some(2));
         // Caught up: the entry is gone, a later change by someone else is seen.
         assert_eq!(o.current("u", Some(&3)), Some(3));
-    }
-
-    #[test]
-    fn a_status_write_stands_in_until_the_cache_has_it_or_something_newer() {
-        let overlay: Overlay<Job> = Overlay::default();
-        let at = |rv: &str, note: &str| {
-            let mut j = job("p", json!({"note": note}));
-            j.metadata.resource_version = Some(rv.into());
-            j
-        };
-        overlay.record(&at("10", "written"), Expect::Version);
-        assert_eq!(overlay.latest(at("9", "stale")).annotations()["note"], "written");
-        assert_eq!(overlay.len(), 1);
-        assert_eq!(overlay.latest(at("11", "newer")).annotations()["note"], "newer");
-        assert!(overlay.is_empty());
-        assert_eq!(overlay.latest(at("5", "cached")).annotations()["note"], "cached");
     }
 
     #[test]

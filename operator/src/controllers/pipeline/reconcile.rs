@@ -9,9 +9,11 @@
 //! anything else.
 //!
 //! Reads come from watch caches ([`crate::controllers::experiment::observe`],
-//! with `mlplane.io/pipeline` as the parent label), and the Pipeline itself
-//! through an overlay of this process's own status writes, so a reconcile
-//! started before the watch delivered the last status write acts on it.
+//! with `mlplane.io/pipeline` as the parent label), and the Pipeline's status
+//! through the [`StatusOverlay`] of this process's own writes, so a
+//! reconcile started before the watch delivered the last status write acts
+//! on it (the run it started, the steps it reused). The Pipeline watch
+//! triggers on spec and annotation changes only, not on status writes.
 //!
 //! Restart safety: a run is written to status (its pins and every step's
 //! cache key) before any of its Jobs exist, so a restarted operator
@@ -36,6 +38,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use tokio_util::sync::CancellationToken;
 
 use super::dag;
@@ -45,8 +48,8 @@ use crate::api::experiment::PinnedInput;
 use crate::api::{
     NewCondition, Pipeline, PipelineRunStatus, PipelineStatus, READY, RunPhase, StepStatus, set_condition,
 };
-use crate::controllers::apply::patch_status;
-use crate::controllers::experiment::observe::{Caches, Expect, Overlay, caches, drive};
+use crate::controllers::apply::patch_status_if_changed;
+use crate::controllers::experiment::observe::{Caches, Expect, StatusOverlay, caches, drive};
 use crate::controllers::experiment::reconcile::{RESULT_ANNOTATION, RunResult};
 use crate::controllers::experiment::status::{CANCEL_ANNOTATION, cancel_patch, finish_time, run_state, start_time};
 use crate::controllers::experiment::validate::RUN_INDEX_LABEL;
@@ -78,7 +81,7 @@ const BLOCKED_POLL: Duration = Duration::from_secs(15);
 pub struct PipelineContext {
     pub base: Arc<Context>,
     pub caches: Caches,
-    pub own: Overlay<Pipeline>,
+    pub statuses: StatusOverlay<PipelineStatus>,
 }
 
 impl std::ops::Deref for PipelineContext {
@@ -92,11 +95,17 @@ impl std::ops::Deref for PipelineContext {
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Pipeline>>::all(client.clone()), watch_config());
+    // A new spec or a changed annotation (`mlplane.io/rerun`) is work; the
+    // controller's own status writes are not.
+    let stream = stream.predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
     let (caches, streams) = caches(&client, PIPELINE_LABEL);
     let pctx = Arc::new(PipelineContext {
         base: ctx,
         caches,
-        own: Overlay::default(),
+        statuses: StatusOverlay::default(),
     });
     for (s, what) in [
         (streams.namespaces.map(|r| r.map(|_| ())).boxed(), "namespaces"),
@@ -247,10 +256,11 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
         return Ok(Action::await_change());
     }
     ctx.caches.ready().await;
-    let pl = ctx.own.latest(cached.clone());
+    let uid = cached.uid().unwrap_or_default();
+    let mut pl = cached.clone();
+    pl.status = ctx.statuses.current(&uid, cached.status.as_ref());
     let ns = pl.namespace().unwrap_or_default();
     let name = pl.name_any();
-    let uid = pl.uid().unwrap_or_default();
     let generation = pl.metadata.generation.unwrap_or_default();
     let api: Api<Pipeline> = Api::namespaced(ctx.client.clone(), &ns);
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -348,7 +358,7 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
         .iter()
         .find(|c| c.type_ == READY)
         .map(|c| c.reason.clone());
-    if write_status(&api, ctx, &name, Some(&before), &status).await?
+    if write_status(&api, ctx, &pl, Some(&before), &status).await?
         && let Some(b) = &blocked
         && was.as_deref() != Some(b.reason.as_str())
     {
@@ -359,20 +369,19 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
     Ok(Action::requeue(requeue))
 }
 
-/// Writes status when it changed, remembering the answer (see the module docs).
+/// Writes status when it changed, remembering it (see the module docs).
 async fn write_status(
     api: &Api<Pipeline>,
     ctx: &PipelineContext,
-    name: &str,
+    pl: &Pipeline,
     current: Option<&PipelineStatus>,
     status: &PipelineStatus,
 ) -> Result<bool> {
-    if current == Some(status) {
-        return Ok(false);
+    let wrote = patch_status_if_changed(api, &pl.name_any(), current, status).await?;
+    if wrote {
+        ctx.statuses.record(&pl.uid().unwrap_or_default(), status);
     }
-    let written = patch_status(api, name, status).await?;
-    ctx.own.record(&written, Expect::Version);
-    Ok(true)
+    Ok(wrote)
 }
 
 /// Ready and its reason from the latest run.
@@ -532,7 +541,7 @@ async fn start_run(
     );
     status.last_handled_rerun = Some(token.to_string()).filter(|t| !t.is_empty());
     bound_runs(&mut status.runs);
-    write_status(api, ctx, &name, Some(&before), status).await?;
+    write_status(api, ctx, pl, Some(&before), status).await?;
     let pinned: Vec<String> = pins.iter().map(|(k, p)| format!("{k}={}", describe(p))).collect();
     let inputs_note = if pinned.is_empty() {
         String::new()

@@ -266,7 +266,13 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let now = now_seconds();
     let mut status = pl.status.clone().unwrap_or_default();
-    let before = status.clone();
+    // What status is now on the server (start_run may write it).
+    let mut before = status.clone();
+    let was = before
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| c.reason.clone());
     status.observed_generation = Some(generation);
     let token = pl.annotations().get(RERUN_ANNOTATION).cloned().unwrap_or_default();
     let all_jobs = ctx.caches.jobs_of(&ns, &name, &uid);
@@ -306,7 +312,11 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
                 if ctx.caches.namespace_terminating(&ns) {
                     return Ok(Action::await_change());
                 }
-                start_run(&pl, ctx, &api, &mut status, &token, &now).await?.err()
+                let started = start_run(&pl, ctx, &api, &mut status, &token, &now).await?;
+                if started.is_ok() {
+                    before = status.clone();
+                }
+                started.err()
             }
         };
     } else if let Some(p) = spec_problem {
@@ -353,11 +363,6 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
         NewCondition::new(READY, ready, &reason, message.clone()).observed_generation(Some(generation)),
         &now,
     );
-    let was = before
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .map(|c| c.reason.clone());
     if write_status(&api, ctx, &pl, Some(&before), &status).await?
         && let Some(b) = &blocked
         && was.as_deref() != Some(b.reason.as_str())

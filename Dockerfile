@@ -2,7 +2,9 @@
 # The mlplane operator image: a static (musl) binary on distroless.
 #   docker build -t ghcr.io/mlplane/mlplane:0.1.0 .
 # The image runs as UID/GID 65532 with a read-only root filesystem (see the
-# chart's securityContext); `mlplane run` is the default command.
+# chart's securityContext); `mlplane run` is the default command. The binary
+# is on PATH (/usr/local/bin), so init containers of this image run
+# `["mlplane", "fetch", ...]` as their command.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG BASE_IMAGE=gcr.io/distroless/static-debian12:nonroot
@@ -42,8 +44,8 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="mlplane" \
       org.opencontainers.image.description="Kubernetes operator giving a cluster the workflow of a hosted ML service" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=builder /mlplane /mlplane
+COPY --from=builder /mlplane /usr/local/bin/mlplane
 USER 65532:65532
 EXPOSE 8080
-ENTRYPOINT ["/mlplane"]
+ENTRYPOINT ["/usr/local/bin/mlplane"]
 CMD ["run"]

@@ -6,4 +6,5 @@ pub mod controllers;
 pub mod operator;
 pub mod quantity;
 pub mod runtime;
+pub mod storage;
 pub mod tracking;

@@ -2,9 +2,12 @@
 //!
 //! - `mlplane run`: controllers, /metrics, /healthz, /readyz, leader election.
 //! - `mlplane crds [--dir DIR]`: print (or write) the CRD YAML generated from the types.
+//! - `mlplane fetch --source URI --dest DIR [--digest sha256:...]`: copy data
+//!   into a pod (init containers of DataAsset downloads and model fetches).
 use clap::{Parser, Subcommand};
 use mlplane::operator::RunArgs;
 use mlplane::runtime::telemetry::{self, LogFormat};
+use mlplane::storage::fetch::FetchArgs;
 use mlplane::tracking::TrackingArgs;
 
 #[derive(Parser)]
@@ -27,6 +30,9 @@ enum Command {
     Run(RunArgs),
     /// Run the MLflow-compatible tracking server on its own (local use).
     Tracking(TrackingArgs),
+    /// Copy one object, or every object under a prefix, into a directory
+    /// (credentials from AWS_*, AZURE_*, GOOGLE_* variables).
+    Fetch(FetchArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds {
         /// Write one file per CRD into this directory instead of printing.
@@ -59,6 +65,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for (file, yaml) in mlplane::api::crd_files() {
                 std::fs::write(dir.join(file), yaml)?;
             }
+            Ok(())
+        }
+        Command::Fetch(args) => {
+            let done = mlplane::storage::fetch::fetch(&args).await?;
+            println!(
+                "fetched {} object(s), {} bytes, from {} into {} ({})",
+                done.files,
+                done.bytes,
+                args.source,
+                args.dest.display(),
+                done.digest
+            );
             Ok(())
         }
         Command::Tracking(args) => {

@@ -53,11 +53,24 @@ build helm "$cache/helm-$HELM_VERSION/helm" helm.sh/helm/v3/cmd/helm "$helm_ldfl
 
 # The Cluster API CRDs the clusterAPI provider's tests install.
 "$here/cluster-api-crds.sh" >/dev/null
+# MinIO for the object-store tests. Its release metadata (what `minio
+# --version` and the server's headers say) as MinIO's own build sets it,
+# derived from the pseudo-version: v0.0.0-<yyyymmddhhmmss>-<commit>.
+minio_ts=$(echo "$MINIO_VERSION" | cut -d- -f2)
+minio_commit=$(echo "$MINIO_VERSION" | cut -d- -f3)
+minio_date="${minio_ts:0:4}-${minio_ts:4:2}-${minio_ts:6:2}T${minio_ts:8:2}:${minio_ts:10:2}:${minio_ts:12:2}Z"
+minio_ldflags=""
+for kv in "Version=$minio_date" "ReleaseTag=RELEASE.${minio_date//:/-}" "CommitID=$minio_commit" \
+          "ShortCommitID=$minio_commit" "CopyrightYear=${minio_ts:0:4}"; do
+  minio_ldflags+=" -X github.com/minio/minio/cmd.$kv"
+done
+build minio "$cache/minio-$MINIO_VERSION/minio" github.com/minio/minio "$minio_ldflags"
 
 # One directory of links, so callers put a single entry on PATH.
 bin=$cache/current
 mkdir -p "$bin"
-for f in "$kdir"/* "$cache/etcd-$ETCD_VERSION/etcd" "$cache/kwok-$KWOK_VERSION"/* "$cache/helm-$HELM_VERSION/helm"; do
+for f in "$kdir"/* "$cache/etcd-$ETCD_VERSION/etcd" "$cache/kwok-$KWOK_VERSION"/* "$cache/helm-$HELM_VERSION/helm" \
+         "$cache/minio-$MINIO_VERSION/minio"; do
   ln -sfn "$f" "$bin/$(basename "$f")"
 done
 echo "$bin"

@@ -987,3 +987,298 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+// ---------------------------------------------------------------------------
+// Object stores for the DataAsset and Pipeline tests: a real S3-compatible
+// server (MinIO, built by tests/cluster/build.sh, run by hack/minio.sh) and a
+// plain HTTP file server (Python's http.server).
+// ---------------------------------------------------------------------------
+
+/// Access key of the test MinIO servers (hack/minio.sh's default).
+pub const S3_ACCESS_KEY: &str = "mlplane-test";
+/// Secret key of the test MinIO servers (hack/minio.sh's default).
+pub const S3_SECRET_KEY: &str = "mlplane-test-secret";
+
+/// A MinIO server on 127.0.0.1 with its data in a directory of its own,
+/// removed when dropped. `stop` and `resume` (same port, same data) play an
+/// outage.
+pub struct S3Server {
+    pub dir: PathBuf,
+    pub endpoint: String,
+    pub port: u16,
+    /// Keep the data directory when dropped (only stop the server).
+    keep: bool,
+}
+
+impl S3Server {
+    /// Starts a server with the given buckets.
+    pub fn start(buckets: &[&str]) -> Result<Self> {
+        Self::start_at(
+            repo_root().join(format!(".cluster/minio-{}", random_suffix())),
+            buckets,
+            false,
+        )
+    }
+
+    /// Starts a server on the data in `dir` (created if missing), kept after
+    /// the server stops when `keep` (e.g. a benchmark's seeded objects).
+    pub fn start_at(dir: PathBuf, buckets: &[&str], keep: bool) -> Result<Self> {
+        let mut cmd = std::process::Command::new(repo_root().join("hack/minio.sh"));
+        cmd.arg("start").arg(&dir).arg("").args(buckets);
+        let endpoint = run_cmd(&mut cmd)?.trim().to_string();
+        let port = endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("minio port")?;
+        Ok(Self {
+            dir,
+            endpoint,
+            port,
+            keep,
+        })
+    }
+
+    /// Stops the server (data kept).
+    pub fn stop(&self) -> Result<()> {
+        run_cmd(
+            std::process::Command::new(repo_root().join("hack/minio.sh"))
+                .arg("stop")
+                .arg(&self.dir),
+        )?;
+        Ok(())
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn resume(&self) -> Result<()> {
+        run_cmd(
+            std::process::Command::new(repo_root().join("hack/minio.sh"))
+                .arg("start")
+                .arg(&self.dir)
+                .arg(self.port.to_string()),
+        )?;
+        Ok(())
+    }
+
+    /// The keys of a Secret (and of a process environment) that reach this
+    /// server, with `secret_key` as the secret access key.
+    pub fn credentials(&self, secret_key: &str) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::from([
+            ("AWS_ACCESS_KEY_ID".to_string(), S3_ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), secret_key.to_string()),
+            ("AWS_ENDPOINT_URL".to_string(), self.endpoint.clone()),
+            ("AWS_REGION".to_string(), "us-east-1".to_string()),
+        ])
+    }
+
+    /// A store of `uri` (`s3://bucket/prefix`) on this server, as the root user.
+    pub fn open(&self, uri: &str) -> Result<mlplane::storage::Location> {
+        let creds = mlplane::storage::Credentials::from_pairs(self.credentials(S3_SECRET_KEY), "test");
+        Ok(mlplane::storage::open(uri, &creds)?)
+    }
+
+    /// Writes `body` as `key` under `uri` (`s3://bucket/prefix/`).
+    pub async fn put(&self, uri: &str, key: &str, body: &[u8]) -> Result<()> {
+        use object_store::ObjectStoreExt;
+        let loc = self.open(uri)?;
+        let path = key.split('/').fold(loc.prefix.clone(), |p, s| p.join(s));
+        loc.store
+            .put(&path, object_store::PutPayload::from(body.to_vec()))
+            .await
+            .with_context(|| format!("putting {key} under {uri}"))?;
+        Ok(())
+    }
+
+    /// A Secret named `name` with this server's credentials.
+    pub fn secret(&self, name: &str, secret_key: &str) -> k8s_openapi::api::core::v1::Secret {
+        k8s_openapi::api::core::v1::Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            string_data: Some(self.credentials(secret_key)),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("hack/minio.sh"))
+            .arg(if self.keep { "stop" } else { "remove" })
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// Python's `http.server` serving a directory on 127.0.0.1, killed when dropped.
+pub struct HttpFileServer {
+    pub child: std::process::Child,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl HttpFileServer {
+    /// Serves a fresh directory.
+    pub async fn start() -> Result<Self> {
+        let dir = repo_root().join(format!(".cluster/http-{}", random_suffix()));
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port();
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(&dir);
+        let child = spawn_logged(cmd, &dir.with_extension("log"))?;
+        let server = Self { child, dir, port };
+        eventually(Duration::from_secs(30), "http.server up", || async {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()))
+        })
+        .await?;
+        Ok(server)
+    }
+
+    /// URL of a file in the served directory.
+    pub fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+}
+
+impl Drop for HttpFileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("log"));
+    }
+}
+
+/// Runs `f` to completion on a runtime of its own thread (for fixtures
+/// started from `OnceLock::get_or_init`, outside any test's runtime).
+pub fn block_on_thread<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(f)
+    })
+    .join()
+    .map_err(|_| anyhow!("fixture thread panicked"))?
+}
+
+/// An operator with a tracking server: the server authenticates callers
+/// (as the chart's `mlplane-tracking` ServiceAccount, SQLite in `.cluster/`),
+/// the operator runs with `--tracking-url` and a Lease of its own, and
+/// `operator_token` reads everything the operator wrote. The operator can be
+/// killed and restarted (crash tests).
+pub struct TrackedOperator {
+    pub tracking: TrackingServer,
+    pub operator: std::sync::Mutex<Option<Operator>>,
+    pub operator_token: String,
+    lease: String,
+}
+
+impl TrackedOperator {
+    /// Starts both; `name` tells this fixture's files and Lease apart.
+    pub async fn start(name: &str) -> Result<Self> {
+        let admin = admin_client().await?;
+        install_chart()?;
+        let tracking_kc = service_account_kubeconfig(&admin, OPERATOR_NAMESPACE, "mlplane-tracking").await?;
+        let dir = repo_root().join(format!(".cluster/{name}-tracking-{}", random_suffix()));
+        std::fs::create_dir_all(&dir)?;
+        let tracking = TrackingServer::start(
+            &format!("sqlite://{}?mode=rwc", dir.join("t.db").display()),
+            &dir.join("artifacts"),
+            Some(&tracking_kc),
+        )
+        .await?;
+        let lease = format!("mlplane-{name}-test-{}", random_suffix());
+        let operator = Self::operator(&admin, &tracking.url(), &lease).await?;
+        let operator_token = service_account_token(&admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, 7200).await?;
+        Ok(Self {
+            tracking,
+            operator: std::sync::Mutex::new(Some(operator)),
+            operator_token,
+            lease,
+        })
+    }
+
+    async fn operator(admin: &Client, tracking_url: &str, lease: &str) -> Result<Operator> {
+        Operator::start(
+            admin,
+            &[
+                "--tracking-url",
+                tracking_url,
+                "--lease-name",
+                lease,
+                "--resync-seconds",
+                "30",
+            ],
+        )
+        .await
+    }
+
+    /// SIGKILLs the operator, as a crash would.
+    pub fn kill_operator(&self) {
+        let mut op = self.operator.lock().expect("operator lock");
+        if let Some(o) = op.as_mut() {
+            o.kill();
+        }
+        *op = None;
+    }
+
+    /// Starts the operator again (same tracking server and Lease).
+    pub async fn restart_operator(&self) -> Result<()> {
+        let admin = admin_client().await?;
+        let op = Self::operator(&admin, &self.tracking.url(), &self.lease).await?;
+        *self.operator.lock().expect("operator lock") = Some(op);
+        Ok(())
+    }
+
+    /// Sum of a metric of the running operator (`None` while it restarts).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let op = self.operator.lock().expect("operator lock");
+        op.as_ref().and_then(|o| o.metric(name, labels).ok())
+    }
+
+    /// A tracking client acting as the operator.
+    pub fn tracking_client(&self) -> mlplane::tracking::client::TrackingClient {
+        mlplane::tracking::client::TrackingClient::new(
+            self.tracking.url(),
+            mlplane::tracking::client::Token::Static(self.operator_token.clone()),
+        )
+    }
+}
+
+/// A Workspace deleted (without waiting) when dropped.
+pub struct WorkspaceGuard(pub String);
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "workspace", &self.0, "--wait=false"]);
+    }
+}
+
+/// A ready Workspace `<prefix>-<suffix>` whose artifact store is
+/// `s3://<bucket>/<name>/artifacts` on `s3`, with the Secret `s3` (that
+/// server's credentials) in its namespace.
+pub async fn s3_workspace(admin: &Client, s3: &S3Server, bucket: &str, prefix: &str) -> Result<WorkspaceGuard> {
+    let name = format!("{prefix}-{}", random_suffix());
+    create_ready_workspace(
+        admin,
+        &name,
+        serde_json::json!({"deletionPolicy": "Delete",
+               "storage": {"artifacts": {"uri": format!("s3://{bucket}/{name}/artifacts"), "secretRef": {"name": "s3"}}}}),
+    )
+    .await?;
+    let guard = WorkspaceGuard(name.clone());
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &name)
+        .create(&PostParams::default(), &s3.secret("s3", S3_SECRET_KEY))
+        .await?;
+    Ok(guard)
+}

@@ -13,6 +13,9 @@ use super::shared::{Duration, SecretRef, URI_MAX_LENGTH, URI_PATTERN};
 
 /// The `SourceReachable` condition type of a DataAsset.
 pub const SOURCE_REACHABLE: &str = "SourceReachable";
+/// Annotation whose every change asks for a refresh
+/// (`kubectl annotate da x mlplane.io/refresh=$(date +%s) --overwrite`).
+pub const REFRESH_ANNOTATION: &str = "mlplane.io/refresh";
 
 /// A versioned reference to data at a URI.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -118,9 +121,13 @@ pub struct DataAssetStatus {
     /// Known versions, newest first, at most `retainVersions`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<DataVersion>,
-    /// When the source was last listed.
+    /// When the source was last listed successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_time: Option<Time>,
+    /// The value of the annotation `mlplane.io/refresh` last acted on (a
+    /// change of it requests a refresh, like Flux's `lastHandledReconcileAt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_refresh: Option<String>,
     /// Conditions, merged by type (`Ready`, `SourceReachable`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -135,7 +142,8 @@ pub enum DataAssetPhase {
     Pending,
     /// At least one version, source reachable.
     Ready,
-    /// Listing the source.
+    /// Listing the source (not written by this version: a listing is
+    /// reported once it is done).
     Refreshing,
     /// The source cannot be read (see conditions).
     Failed,

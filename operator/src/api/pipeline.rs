@@ -13,9 +13,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::experiment::PinnedInput;
 use super::experiment::RunPhase;
 use super::shared::{
-    DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, DataInput, Environment, OutputSpec, Params, ResourceRequests,
+    DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, DataInput, Environment, OutputSpec, Params, PodMetadata, ResourceRequests,
 };
 
 /// What a step input may be: `${{inputs.<name>}}` (a pipeline input),
@@ -62,6 +63,9 @@ pub struct PipelineSpec {
     /// Run settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<PipelineSettings>,
+    /// Labels and annotations added to every step pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
 }
 
 /// One step: a container run as a Job.
@@ -112,6 +116,9 @@ pub struct Step {
     /// Whether the step may be reused when nothing it depends on changed.
     #[serde(default = "default_true")]
     pub deterministic: bool,
+    /// Labels and annotations of this step's pod, over `spec.podMetadata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
 }
 
 impl Default for Step {
@@ -128,6 +135,7 @@ impl Default for Step {
             params: Params::new(),
             env: Vec::new(),
             deterministic: true,
+            pod_metadata: None,
         }
     }
 }
@@ -161,6 +169,10 @@ pub struct PipelineStatus {
     /// Runs, newest first, bounded by the controller.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<PipelineRunStatus>,
+    /// The value of the annotation `mlplane.io/rerun` the latest run was
+    /// started for (a change of it starts a new run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rerun: Option<String>,
     /// Conditions, merged by type (`Ready`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -178,6 +190,9 @@ pub struct PipelineRunStatus {
     pub generation: Option<i64>,
     /// Phase.
     pub phase: RunPhase,
+    /// Pipeline inputs as pinned when the run started.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, PinnedInput>,
     /// Steps of this run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepStatus>,

@@ -5,7 +5,10 @@
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
 pub mod compute_cluster;
+pub mod data_asset;
 pub mod experiment;
+pub mod pinning;
+pub mod pipeline;
 pub mod run;
 pub mod status_writer;
 pub mod workspace;
@@ -91,13 +94,28 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        self.event_related(obj, type_, reason, action, note, None).await
+    }
+
+    /// [`Context::event`] with a related object (e.g. the Job of a pipeline
+    /// step). Events that repeat a reason and action on the same object form
+    /// one series; a related object tells them apart.
+    pub async fn event_related<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
         self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            secondary: related,
         };
         if self.events.send((ev, obj.object_ref(&()))).await.is_err() {
             tracing::warn!(reason, "event publishers stopped; event dropped");
@@ -203,6 +221,41 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     kube::runtime::controller::Action::requeue(backoff)
 }
 
+/// The object of a guarded watch, or `None` after reporting (log and
+/// metric) a stored object that cannot be read: it waits for a change
+/// instead of being retried.
+pub fn readable<'a, K: Resource<DynamicType = ()>>(obj: &'a DeserializeGuard<K>, metrics: &Metrics) -> Option<&'a K> {
+    match &obj.0 {
+        Ok(k) => Some(k),
+        Err(invalid) => {
+            let kind = K::kind(&());
+            tracing::error!(kind = %kind, name = ?invalid.metadata.name, error = %invalid.error, "stored object cannot be read");
+            metrics
+                .reconcile_errors
+                .with_label_values(&[&kind, "invalid_object"])
+                .inc();
+            None
+        }
+    }
+}
+
+/// [`error_policy`] for controllers of guarded watches whose context
+/// dereferences to the shared [`Context`].
+pub fn guarded_error_policy<K, C>(
+    obj: std::sync::Arc<DeserializeGuard<K>>,
+    err: &Error,
+    ctx: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action
+where
+    K: Resource<DynamicType = ()>,
+    C: std::ops::Deref<Target = Context>,
+{
+    match &obj.0 {
+        Ok(k) => error_policy(k, err, &ctx),
+        Err(_) => kube::runtime::controller::Action::await_change(),
+    }
+}
+
 /// Controller watcher config: watch timeouts below the 240 s idle timeout of
 /// common cloud load balancers.
 pub fn watch_config() -> watcher::Config {
@@ -215,5 +268,7 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
         compute_cluster::run(ctx.clone(), stop.clone()),
+        data_asset::run(ctx.clone(), stop.clone()),
+        pipeline::run(ctx.clone(), stop.clone()),
     );
 }

@@ -147,6 +147,31 @@ where
         true
     }
 
+    /// Writes `status` now, on the caller's task, unless it equals
+    /// [`Self::current`]; for controllers that must know a status is stored
+    /// before they go on (a Pipeline records a run before it creates its
+    /// steps). A status waiting in the queue is superseded. Returns whether
+    /// it wrote.
+    pub async fn write_now(&self, api: &Api<K>, key: Key, cached: Option<&S>, status: &S) -> kube::Result<bool> {
+        if self.current(&key, cached).as_ref() == Some(status) {
+            return Ok(false);
+        }
+        self.shared
+            .state
+            .lock()
+            .expect("status writer lock")
+            .pending
+            .remove(&key);
+        write_status(api, &key.name, status).await?;
+        self.shared
+            .state
+            .lock()
+            .expect("status writer lock")
+            .written
+            .insert(key, (status.clone(), Instant::now()));
+        Ok(true)
+    }
+
     /// Statuses waiting to be written.
     pub fn pending(&self) -> usize {
         self.shared.state.lock().expect("status writer lock").pending.len()

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -51,6 +52,14 @@ pub struct Metrics {
     pub compute_admissions: IntCounter,
     /// From asking a provider for a node to the node being Ready, by provider.
     pub compute_scale_up_duration: HistogramVec,
+    /// DataAsset refreshes, by result (`new_version`, `unchanged`, `failed`).
+    pub data_refreshes: IntCounterVec,
+    /// Duration of DataAsset refreshes (listing, digest, recording).
+    pub data_refresh_duration: Histogram,
+    /// Pipeline steps by outcome: `started` (a Job was created), `reused`
+    /// (a cache hit skipped the Job), `succeeded`, `failed`, `skipped`
+    /// (never run: an upstream step failed or the run stopped).
+    pub pipeline_steps: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -185,6 +194,24 @@ impl Metrics {
             &["provider"],
         )
         .unwrap();
+        let data_refreshes = IntCounterVec::new(
+            Opts::new("mlplane_data_refreshes_total", "DataAsset refreshes, by result"),
+            &["result"],
+        )
+        .unwrap();
+        let data_refresh_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "mlplane_data_refresh_duration_seconds",
+                "Duration of DataAsset refreshes (listing, digest, recording)",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .unwrap();
+        let pipeline_steps = IntCounterVec::new(
+            Opts::new("mlplane_pipeline_steps_total", "Pipeline steps, by outcome"),
+            &["outcome"],
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -204,6 +231,9 @@ impl Metrics {
             Box::new(compute_queue.clone()),
             Box::new(compute_admissions.clone()),
             Box::new(compute_scale_up_duration.clone()),
+            Box::new(data_refreshes.clone()),
+            Box::new(data_refresh_duration.clone()),
+            Box::new(pipeline_steps.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -227,6 +257,9 @@ impl Metrics {
             compute_queue,
             compute_admissions,
             compute_scale_up_duration,
+            data_refreshes,
+            data_refresh_duration,
+            pipeline_steps,
         }
     }
 

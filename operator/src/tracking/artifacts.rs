@@ -21,6 +21,7 @@ use serde::Deserialize;
 use super::auth::Access;
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Caller};
+use crate::storage;
 
 /// The artifact root.
 pub struct Artifacts {
@@ -29,36 +30,23 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
-    /// Opens `file:///dir` (created if missing), a plain path, `s3://bucket/prefix`,
-    /// `gs://...`, `az://...` or `https://...`. Cloud credentials come from the
-    /// usual environment variables (AWS_*, GOOGLE_*, AZURE_*).
+    /// Opens `file:///dir` or a plain path (created if missing),
+    /// `s3://bucket/prefix`, `gs://...`, `az://...` or `https://...` through
+    /// [`crate::storage::open`]. Credentials are this server's own: the
+    /// `AWS_*`, `GOOGLE_*` and `AZURE_*` variables of its environment, else
+    /// its ambient cloud identity.
     pub fn from_uri(uri: &str) -> anyhow::Result<Self> {
-        let url = match url::Url::parse(uri) {
-            Ok(u) if u.scheme().len() > 1 => u,
-            _ => {
-                // A plain (possibly relative) directory.
-                std::fs::create_dir_all(uri)?;
-                let abs = std::fs::canonicalize(uri)?;
-                url::Url::from_directory_path(&abs).map_err(|_| anyhow::anyhow!("bad artifact root {uri:?}"))?
-            }
-        };
-        if url.scheme() == "file" {
-            // Local directories: deleting the last file of a directory
-            // removes the directory too, as the listing must then not show it.
-            std::fs::create_dir_all(url.path())?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(url.path())?.with_automatic_cleanup(true);
-            return Ok(Self {
-                store: Arc::new(store),
-                prefix: Path::default(),
-            });
+        if storage::scheme_of(uri)? == storage::Scheme::Local {
+            let dir = match url::Url::parse(uri) {
+                Ok(u) if u.scheme() == "file" => u.path().to_string(),
+                _ => uri.to_string(),
+            };
+            std::fs::create_dir_all(&dir)?;
         }
-        let opts = std::env::vars()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .filter(|(k, _)| k.starts_with("aws_") || k.starts_with("google_") || k.starts_with("azure_"));
-        let (store, prefix) = object_store::parse_url_opts(&url, opts)?;
+        let loc = storage::open(uri, &storage::Credentials::from_env())?;
         Ok(Self {
-            store: Arc::from(store),
-            prefix,
+            store: loc.store,
+            prefix: loc.prefix,
         })
     }
 

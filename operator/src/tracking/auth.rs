@@ -12,6 +12,11 @@
 //! - an experiment outside any workspace (no `/` in its name) is the
 //!   operator's alone.
 //!
+//! mlplane's own records (`/api/2.0/mlplane/...`: DataAsset versions, the
+//! Pipeline step cache) follow the same rules on the DataAsset or Pipeline
+//! they belong to ([`Auth::authorize_in`]), except that only the operator
+//! writes them ([`Auth::require_operator`]).
+//!
 //! Decisions are cached briefly (TokenReview 60 s, SubjectAccessReview 10 s)
 //! so a run logging thousands of metrics costs the API server two requests.
 //! `AuthMode::Disabled` (standalone local use only) allows everything.
@@ -85,7 +90,7 @@ pub enum AuthMode {
     },
 }
 
-/// Cache key of an access decision: (username, namespace, experiment, access).
+/// Cache key of an access decision: (username, namespace, `<resource>/<name>`, access).
 type AccessKey = (String, String, String, Access);
 
 /// Authentication and authorization of tracking requests.
@@ -180,6 +185,27 @@ impl Auth {
                 "experiment {experiment_name:?} belongs to no workspace; only the operator may use it"
             )));
         };
+        self.authorize_in(who, ns, "experiments", Some(name), access).await
+    }
+
+    /// Whether `who` may read or write what the mlplane object `resource`
+    /// (`name`, or any when `None`) in workspace namespace `ns` guards: the
+    /// operator may; a run pod's ServiceAccount may within its own namespace;
+    /// anyone else as RBAC grants `get` (read) or `update` (write) on it.
+    pub async fn authorize_in(
+        &self,
+        who: &Identity,
+        ns: &str,
+        resource: &'static str,
+        name: Option<&str>,
+        access: Access,
+    ) -> Result<(), ApiError> {
+        let AuthMode::Kubernetes { operator_user } = &self.mode else {
+            return Ok(());
+        };
+        if &who.username == operator_user {
+            return Ok(());
+        }
         if let Some((sa_ns, sa_name)) = who.service_account()
             && sa_name == RUN_SERVICE_ACCOUNT
         {
@@ -187,7 +213,7 @@ impl Auth {
                 Ok(())
             } else {
                 Err(ApiError::permission_denied(format!(
-                    "{} may only use experiments of workspace namespace {sa_ns:?}, not {ns:?}",
+                    "{} may only use {resource} of workspace namespace {sa_ns:?}, not {ns:?}",
                     who.username
                 )))
             };
@@ -196,12 +222,13 @@ impl Auth {
             Access::Read => "get",
             Access::Write => "update",
         };
-        let key = (who.username.clone(), ns.to_string(), name.to_string(), access);
+        let object = format!("{resource}/{}", name.unwrap_or_default());
+        let key = (who.username.clone(), ns.to_string(), object, access);
         let cached = self.access.lock().expect("access cache").get(&key).copied();
         let allowed = match cached {
             Some((allowed, at)) if at.elapsed() < ACCESS_TTL => allowed,
             _ => {
-                let allowed = self.subject_access_review(who, ns, name, verb).await?;
+                let allowed = self.subject_access_review(who, ns, resource, name, verb).await?;
                 let mut cache = self.access.lock().expect("access cache");
                 if cache.len() >= CACHE_LIMIT {
                     cache.retain(|_, (_, at)| at.elapsed() < ACCESS_TTL);
@@ -213,14 +240,38 @@ impl Auth {
         if allowed {
             Ok(())
         } else {
+            let what = match name {
+                Some(n) => format!("{resource}.mlplane.io {n:?}"),
+                None => format!("{resource}.mlplane.io"),
+            };
             Err(ApiError::permission_denied(format!(
-                "{} may not {verb} experiments.mlplane.io {name:?} in namespace {ns:?}",
+                "{} may not {verb} {what} in namespace {ns:?}",
                 who.username
             )))
         }
     }
 
-    async fn subject_access_review(&self, who: &Identity, ns: &str, name: &str, verb: &str) -> Result<bool, ApiError> {
+    /// Writes of mlplane's own records (DataAsset versions, the step cache):
+    /// the operator only.
+    pub fn require_operator(&self, who: &Identity) -> Result<(), ApiError> {
+        match &self.mode {
+            AuthMode::Disabled => Ok(()),
+            AuthMode::Kubernetes { operator_user } if &who.username == operator_user => Ok(()),
+            AuthMode::Kubernetes { .. } => Err(ApiError::permission_denied(format!(
+                "{} may not write mlplane records; only the operator may",
+                who.username
+            ))),
+        }
+    }
+
+    async fn subject_access_review(
+        &self,
+        who: &Identity,
+        ns: &str,
+        resource: &str,
+        name: Option<&str>,
+        verb: &str,
+    ) -> Result<bool, ApiError> {
         let client = self
             .client
             .as_ref()
@@ -234,8 +285,8 @@ impl Auth {
                     namespace: Some(ns.to_string()),
                     verb: Some(verb.to_string()),
                     group: Some("mlplane.io".into()),
-                    resource: Some("experiments".into()),
-                    name: Some(name.to_string()),
+                    resource: Some(resource.to_string()),
+                    name: name.map(str::to_string),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -289,6 +340,19 @@ mod tests {
         assert_eq!(e.code, "PERMISSION_DENIED");
         let op = id("system:serviceaccount:mlplane-system:mlplane");
         assert!(auth.authorize(&op, "Default", Access::Write).await.is_ok());
+        // mlplane's own records: runs read their namespace's, only the operator writes.
+        assert!(
+            auth.authorize_in(&run, "vision", "dataassets", Some("imagenet"), Access::Read)
+                .await
+                .is_ok()
+        );
+        let e = auth
+            .authorize_in(&run, "nlp", "pipelines", None, Access::Read)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "PERMISSION_DENIED");
+        assert!(auth.require_operator(&op).is_ok());
+        assert_eq!(auth.require_operator(&run).unwrap_err().code, "PERMISSION_DENIED");
         let e = auth.authorize(&run, "Default", Access::Read).await.unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::FORBIDDEN);
     }
@@ -299,6 +363,7 @@ mod tests {
         let who = auth.authenticate(&HeaderMap::new()).await.unwrap();
         assert_eq!(who, Identity::anonymous());
         assert!(auth.authorize(&who, "Default", Access::Write).await.is_ok());
+        assert!(auth.require_operator(&who).is_ok());
     }
 
     #[tokio::test]

@@ -3,6 +3,9 @@
 //! mlplane run, marks it FINISHED / FAILED / KILLED from the Job's outcome,
 //! and reads the metrics sweeps and early termination decide on.
 //!
+//! It also records DataAsset versions and Pipeline step cache entries
+//! (`/api/2.0/mlplane/...`, see [`super::records`]).
+//!
 //! It speaks the same REST API as the `mlflow` client, authenticated with the
 //! operator's own bearer token (its ServiceAccount token, re-read from disk so
 //! rotation is picked up), so it works against any replica of the server.
@@ -43,6 +46,8 @@ pub struct ClientError {
     pub message: String,
 }
 
+/// mlplane's own records, as the server answers them.
+pub use super::records::{DataVersionJson, StepCacheJson};
 /// An MLflow run status (the store's type: one definition of MLflow's enum).
 pub use super::store::RunStatus;
 
@@ -92,7 +97,12 @@ impl TrackingClient {
     }
 
     async fn call(&self, endpoint: &'static str, get: bool, body: Value) -> Result<Value, ClientError> {
-        let url = format!("{}/api/2.0/mlflow/{endpoint}", self.base);
+        self.call_at("mlflow", endpoint, get, body).await
+    }
+
+    /// A request to `/api/2.0/<api>/<endpoint>` (`mlflow` or `mlplane`).
+    async fn call_at(&self, api: &str, endpoint: &'static str, get: bool, body: Value) -> Result<Value, ClientError> {
+        let url = format!("{}/api/2.0/{api}/{endpoint}", self.base);
         let mut req = if get {
             self.http.get(&url).query(&query_pairs(&body))
         } else {
@@ -246,6 +256,122 @@ impl TrackingClient {
             })
             .collect();
         out.sort_by_key(|(s, _)| *s);
+        Ok(out)
+    }
+}
+
+impl TrackingClient {
+    fn decode<T: serde::de::DeserializeOwned>(endpoint: &'static str, v: Value) -> Result<T, ClientError> {
+        serde_json::from_value(v).map_err(|e| ClientError {
+            endpoint,
+            code: None,
+            message: format!("unexpected answer: {e}"),
+        })
+    }
+
+    /// Records a DataAsset listing (manifest canonical text and its digest):
+    /// the version it is (a new one when the digest differs from the
+    /// latest's) and whether it was created.
+    pub async fn record_data_version(
+        &self,
+        namespace: &str,
+        data_asset: &str,
+        source: &str,
+        digest: &str,
+        manifest: &str,
+    ) -> Result<(DataVersionJson, bool), ClientError> {
+        const EP: &str = "data-versions/record";
+        let v = self
+            .call_at(
+                "mlplane",
+                EP,
+                false,
+                json!({"namespace": namespace, "data_asset": data_asset, "source": source,
+                       "digest": digest, "manifest": manifest}),
+            )
+            .await?;
+        let created = v["created"].as_bool().unwrap_or(false);
+        Ok((Self::decode(EP, v["version"].clone())?, created))
+    }
+
+    /// The newest `max` versions of a DataAsset, newest first.
+    pub async fn data_versions(
+        &self,
+        namespace: &str,
+        data_asset: &str,
+        max: i64,
+    ) -> Result<Vec<DataVersionJson>, ClientError> {
+        const EP: &str = "data-versions/list";
+        let v = self
+            .call_at(
+                "mlplane",
+                EP,
+                true,
+                json!({"namespace": namespace, "data_asset": data_asset, "max_results": max}),
+            )
+            .await?;
+        Self::decode(EP, v["versions"].clone())
+    }
+
+    /// One version of a DataAsset and its manifest text; `None` when there
+    /// is no such version.
+    pub async fn data_version(
+        &self,
+        namespace: &str,
+        data_asset: &str,
+        version: &str,
+    ) -> Result<Option<(DataVersionJson, String)>, ClientError> {
+        const EP: &str = "data-versions/get";
+        match self
+            .call_at(
+                "mlplane",
+                EP,
+                true,
+                json!({"namespace": namespace, "data_asset": data_asset, "version": version}),
+            )
+            .await
+        {
+            Ok(v) => Ok(Some((
+                Self::decode(EP, v["version"].clone())?,
+                v["manifest"].as_str().unwrap_or_default().to_string(),
+            ))),
+            Err(e)
+                if matches!(
+                    e.code.as_deref(),
+                    Some("RESOURCE_DOES_NOT_EXIST" | "INVALID_PARAMETER_VALUE")
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a succeeded step's outputs in the workspace's step cache
+    /// (idempotent: the first entry of a key stays and is returned).
+    pub async fn put_step_cache(&self, namespace: &str, entry: &StepCacheJson) -> Result<StepCacheJson, ClientError> {
+        const EP: &str = "step-cache/put";
+        let v = self
+            .call_at("mlplane", EP, false, json!({"namespace": namespace, "entry": entry}))
+            .await?;
+        Self::decode(EP, v["entry"].clone())
+    }
+
+    /// The step cache entries of `keys` in the workspace (missing ones left out).
+    pub async fn lookup_step_cache(&self, namespace: &str, keys: &[String]) -> Result<Vec<StepCacheJson>, ClientError> {
+        const EP: &str = "step-cache/lookup";
+        let mut out = Vec::new();
+        for chunk in keys.chunks(super::store::records::MAX_LOOKUP) {
+            let v = self
+                .call_at(
+                    "mlplane",
+                    EP,
+                    false,
+                    json!({"namespace": namespace, "cache_keys": chunk}),
+                )
+                .await?;
+            out.extend(Self::decode::<Vec<StepCacheJson>>(EP, v["entries"].clone())?);
+        }
         Ok(out)
     }
 }

@@ -1,5 +1,7 @@
 //! Run tracking: an MLflow-compatible REST API (`/api/2.0/mlflow/...`) and
-//! artifact proxy (`/api/2.0/mlflow-artifacts/artifacts`), backed by a durable
+//! artifact proxy (`/api/2.0/mlflow-artifacts/artifacts`), plus mlplane's own
+//! records (`/api/2.0/mlplane/...`: DataAsset versions, the Pipeline step
+//! cache, see [`records`]), backed by a durable
 //! SQL run history (SQLite embedded by default, PostgreSQL by URL) and an
 //! object store for artifacts. Served by `mlplane run --tracking-addr` in the
 //! cluster and by `mlplane tracking` standalone.
@@ -11,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod handlers;
+pub mod records;
 pub mod search;
 pub mod store;
 
@@ -79,6 +82,7 @@ pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     handlers::routes()
         .merge(artifacts::routes())
+        .merge(records::routes())
         .route("/health", get(|| async { "OK" }))
         .route("/metrics", get(render_metrics))
         .route_layer(middleware::from_fn_with_state(metrics, record_request))

@@ -1,8 +1,11 @@
-//! What the Experiment controller knows of the cluster without asking the API
-//! server: watch caches of run Jobs (without their pod templates, see
-//! [`slim_job`]), their pods (status only), namespaces and ComputeClusters
-//! (metadata only), plus the controller's own recent Job writes that the Job
-//! watch has not delivered yet.
+//! What a run controller (Experiment, Pipeline) knows of the cluster without
+//! asking the API server: watch caches of its run Jobs (selected by its
+//! parent label, `mlplane.io/experiment` or `mlplane.io/pipeline`; without
+//! their pod templates, see [`slim_job`]), their pods (status only),
+//! namespaces and ComputeClusters (metadata only), DataAssets (inputs are
+//! pinned from their status) and Workspaces (where outputs go), plus the
+//! controller's own recent writes that a watch has not delivered yet
+//! ([`Overlay`] for Jobs; statuses have the controllers' `StatusWriter`).
 //!
 //! Owns: the reflectors and the write overlay. Must not write anything.
 //!
@@ -27,10 +30,10 @@ use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
-use crate::api::ComputeCluster;
-use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL};
+use crate::api::{ComputeCluster, DataAsset, Workspace};
+use crate::controllers::run::build::RUN_LABEL;
 use crate::controllers::watch_config;
 
 /// How long a write stands in for a cache that has not shown it.
@@ -121,10 +124,14 @@ impl Overlay {
 /// The caches and the streams that fill them (the controller polls the Job
 /// and pod streams as its triggers; the other two are driven by [`drive`]).
 pub struct Caches {
+    /// The label naming the parent of the cached Jobs and pods.
+    pub parent_label: &'static str,
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
+    pub data_assets: Store<DataAsset>,
+    pub workspaces: Store<Workspace>,
     pub overlay: Overlay,
     ready: tokio::sync::watch::Sender<bool>,
 }
@@ -137,11 +144,29 @@ pub struct Streams {
     pub pods: Touched<Pod>,
     pub namespaces: Touched<PartialObjectMeta<Namespace>>,
     pub clusters: Touched<PartialObjectMeta<ComputeCluster>>,
+    pub data_assets: Touched<DataAsset>,
+    pub workspaces: Touched<Workspace>,
 }
 
-/// Starts the reflectors (lazily: nothing is listed until a stream is polled).
-pub fn caches(client: &Client) -> (Caches, Streams) {
-    let labelled = watch_config().labels(EXPERIMENT_LABEL);
+/// A reflector of every `K` with managedFields stripped.
+fn reflect_all<K>(client: &Client) -> (Store<K>, Touched<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watch_config())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (store, stream)
+}
+
+/// Starts the reflectors (lazily: nothing is listed until a stream is
+/// polled). Jobs and pods are those labelled `parent_label`.
+pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) {
+    let labelled = watch_config().labels(parent_label);
     let (jobs, jobs_w) = reflector::store();
     let job_stream = watcher(Api::<Job>::all(client.clone()), labelled.clone())
         .default_backoff()
@@ -179,12 +204,17 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
     .reflect(cc_w)
     .touched_objects()
     .boxed();
+    let (data_assets, da_stream) = reflect_all::<DataAsset>(client);
+    let (workspaces, ws_stream) = reflect_all::<Workspace>(client);
     (
         Caches {
+            parent_label,
             jobs,
             pods,
             namespaces,
             clusters,
+            data_assets,
+            workspaces,
             overlay: Overlay::default(),
             ready: tokio::sync::watch::Sender::new(false),
         },
@@ -193,6 +223,8 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
             pods: pod_stream,
             namespaces: ns_stream,
             clusters: cc_stream,
+            data_assets: da_stream,
+            workspaces: ws_stream,
         },
     )
 }
@@ -229,16 +261,19 @@ impl Caches {
         let _ = self.pods.wait_until_ready().await;
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.clusters.wait_until_ready().await;
+        let _ = self.data_assets.wait_until_ready().await;
+        let _ = self.workspaces.wait_until_ready().await;
         self.ready.send_replace(true);
     }
 
-    /// The Jobs owned by the Experiment `uid` named `name` in `ns`: cache
-    /// and overlay.
+    /// The Jobs owned by the parent `uid` named `name` in `ns`: cache and
+    /// overlay.
     pub fn jobs_of(&self, ns: &str, name: &str, uid: &str) -> Vec<Job> {
         let label = crate::controllers::run::names::label_value(name);
+        let parent_label = self.parent_label;
         let belongs = |j: &Job| {
             j.namespace().as_deref() == Some(ns)
-                && j.labels().get(EXPERIMENT_LABEL) == Some(&label)
+                && j.labels().get(parent_label) == Some(&label)
                 && j.owner_references().iter().any(|o| o.uid == uid)
         };
         let cached: Vec<Job> = self
@@ -279,13 +314,23 @@ impl Caches {
         self.clusters.get(&ObjectRef::new(name)).is_some()
     }
 
-    /// The Experiment owning the run Job a pod belongs to (pods carry the
-    /// run's Job name; Experiment names in labels may be shortened).
-    pub fn owner_of_pod(&self, pod: &Pod) -> Option<ObjectRef<crate::api::Experiment>> {
+    /// The parent (of kind `K`) owning the run Job a pod belongs to (pods
+    /// carry the run's Job name; parent names in labels may be shortened).
+    pub fn owner_of_pod<K: Resource<DynamicType = ()>>(&self, pod: &Pod) -> Option<ObjectRef<K>> {
         let ns = pod.namespace()?;
         let run = pod.labels().get(RUN_LABEL)?;
         let job = self.jobs.get(&ObjectRef::new(run).within(&ns))?;
-        owner_experiment(&job)
+        owner_of(&job)
+    }
+
+    /// The DataAsset `name` in `ns`.
+    pub fn data_asset(&self, ns: &str, name: &str) -> Option<std::sync::Arc<DataAsset>> {
+        self.data_assets.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The Workspace whose namespace is `ns`.
+    pub fn workspace_of(&self, ns: &str) -> Option<std::sync::Arc<Workspace>> {
+        self.workspaces.state().into_iter().find(|w| w.target_namespace() == ns)
     }
 }
 
@@ -376,12 +421,13 @@ fn hash(value: impl std::hash::Hash) -> u64 {
     BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(value)
 }
 
-/// The Experiment a Job's controller ownerReference names.
-pub fn owner_experiment(job: &Job) -> Option<ObjectRef<crate::api::Experiment>> {
+/// The parent (of kind `K`) a Job's controller ownerReference names.
+pub fn owner_of<K: Resource<DynamicType = ()>>(job: &Job) -> Option<ObjectRef<K>> {
     let ns = job.namespace()?;
+    let kind = K::kind(&());
     job.owner_references()
         .iter()
-        .find(|o| o.kind == "Experiment" && o.controller == Some(true))
+        .find(|o| o.kind == kind && o.controller == Some(true))
         .map(|o| ObjectRef::new(&o.name).within(&ns))
 }
 
@@ -393,7 +439,7 @@ mod tests {
     fn job(name: &str, annotations: serde_json::Value) -> Job {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "ns", "annotations": annotations,
-                         "labels": {EXPERIMENT_LABEL: "e"}},
+                         "labels": {crate::controllers::run::build::EXPERIMENT_LABEL: "e"}},
         }))
         .unwrap()
     }

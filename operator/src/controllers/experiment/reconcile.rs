@@ -47,8 +47,13 @@ use super::status::{
 };
 use super::sweep::{merge_params, next_trials, seed, trial_limits, trial_params};
 use super::validate::{GENERATION_ANNOTATION, RUN_INDEX_LABEL, RunInputs, TRIAL_LABEL, run_spec, validate};
+use crate::api::experiment::PinnedInput;
 use crate::api::{Experiment, ExperimentStatus, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
-use crate::controllers::run::build::{RUN_LABEL, Tracking, build_run};
+use crate::controllers::pinning::{pin_inputs, recorded};
+use crate::controllers::run::artifacts::{artifacts_root, experiment_output, pvc_mount_path};
+use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL, Tracking, build_run};
+use crate::controllers::run::inputs::{INPUTS_ANNOTATION, PodData, WAITING_REASONS, describe};
+use crate::controllers::run::names::{run_name, trial_name};
 use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::workspace::build::RUN_TOKEN_SECRET;
 use crate::controllers::{Context, Error, Result, error_policy, guarded_watch, watch_config};
@@ -105,7 +110,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         predicates::generation.combine(predicates::annotations),
         Default::default(),
     );
-    let (caches, streams) = caches(&client);
+    let (caches, streams) = caches(&client, EXPERIMENT_LABEL);
     let writer_client = client.clone();
     let status = StatusWriter::start(
         move |key| Api::namespaced(writer_client.clone(), key.namespace.as_deref().unwrap_or_default()),
@@ -122,6 +127,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     // (a missing ComputeCluster is polled for, see BLOCKED_POLL).
     tokio::spawn(drive(streams.namespaces, stop.clone(), "namespaces"));
     tokio::spawn(drive(streams.clusters, stop.clone(), "computeclusters"));
+    tokio::spawn(drive(streams.data_assets, stop.clone(), "dataassets"));
+    tokio::spawn(drive(streams.workspaces, stop.clone(), "workspaces"));
     let ready = ectx.clone();
     tokio::spawn(async move { ready.caches.watch_ready().await });
     // Every change of a run Job (status included) reaches its Experiment by
@@ -132,7 +139,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .watches_stream(streams.pods, move |pod| {
             pod_owner
                 .caches
-                .owner_of_pod(&pod)
+                .owner_of_pod::<Experiment>(&pod)
                 .map(|r| ObjectRef::new(&r.name).within(r.namespace.as_deref().unwrap_or_default()))
         })
         .with_config(kube::runtime::controller::Config::default().concurrency(ectx.settings.concurrency))
@@ -251,7 +258,7 @@ impl Observed {
                 .annotation(PARAMS_ANNOTATION)
                 .and_then(|p| serde_json::from_str(p).ok())
                 .unwrap_or_default(),
-            inputs: BTreeMap::new(),
+            inputs: recorded(self.job.annotations()),
             phase: self.phase(),
             job: Some(self.name()),
             tracking_run_id: self.annotation(TRACKING_RUN_ANNOTATION).map(str::to_string),
@@ -444,7 +451,20 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
             current = Some(index);
             if exp.spec.sweep.is_none() {
                 let params = exp.spec.params.clone();
-                match start_run(exp, ctx, &jobs_api, &mut tracking, index, None, params, &rerun, &hash).await? {
+                match start_run(
+                    exp,
+                    ctx,
+                    &jobs_api,
+                    &mut tracking,
+                    index,
+                    None,
+                    params,
+                    &rerun,
+                    &hash,
+                    None,
+                )
+                .await?
+                {
                     Ok(o) => observed.push(o),
                     Err(e) => blocked = Some(e),
                 }
@@ -467,6 +487,7 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
                 let active = trials.iter().filter(|o| o.active() || holds_resources(&o.job)).count() as u64;
                 let k = next_trials(started, active, &limits);
                 let seed = seed(sweep, &uid);
+                let earlier = trials.first().map(|o| recorded(o.job.annotations()));
                 for n in started..started + k {
                     let Ok(Some(sampled)) = trial_params(sweep, seed, n) else {
                         break;
@@ -482,6 +503,7 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
                         params,
                         &rerun,
                         &hash,
+                        earlier.as_ref(),
                     )
                     .await?
                     {
@@ -548,8 +570,9 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
         .map(|i| observed.iter().filter(|o| o.index == i).collect())
         .unwrap_or_default();
     let phase = if let Some((reason, _)) = &blocked {
-        // A missing ComputeCluster may still be created: the run waits.
-        if reason == COMPUTE_CLUSTER_NOT_FOUND {
+        // A missing ComputeCluster or DataAsset (version) may still come:
+        // the run waits.
+        if reason == COMPUTE_CLUSTER_NOT_FOUND || WAITING_REASONS.contains(&reason.as_str()) {
             requeue = requeue.min(BLOCKED_POLL);
             RunPhase::Pending
         } else {
@@ -798,26 +821,68 @@ async fn start_run(
     params: Params,
     rerun: &str,
     hash: &str,
+    earlier: Option<&BTreeMap<String, PinnedInput>>,
 ) -> Result<std::result::Result<Observed, (String, String)>> {
     let spec = &exp.spec;
+    let ns = exp.namespace().unwrap_or_default();
+    let name = match trial {
+        Some(t) => trial_name(&exp.name_any(), index, t),
+        None => run_name(&exp.name_any(), index),
+    };
+    // Inputs pinned now (trials of a sweep share the first trial's pins).
+    let pins = match pin_inputs(
+        &ns,
+        "spec.inputs",
+        &spec.inputs,
+        earlier,
+        &ctx.caches,
+        ctx.settings.tracking.as_ref(),
+    )
+    .await?
+    {
+        Ok(p) => p,
+        Err(e) => return Ok(Err((e.reason.to_string(), e.message))),
+    };
+    let mut data = PodData::default();
+    for (k, p) in &pins {
+        data.input(k, p, &ctx.settings.image);
+    }
+    // Outputs in the workspace's artifact store (without one: paths in the
+    // pod that are not kept).
+    let storage = ctx.caches.workspace_of(&ns).and_then(|w| w.spec.storage.clone());
+    let outputs_dir = match artifacts_root(storage.as_ref()) {
+        Some(root) if !spec.outputs.is_empty() => {
+            for k in spec.outputs.keys() {
+                data.output(k, &experiment_output(&root, &exp.name_any(), &name, k));
+            }
+            if let Some(secret) = storage.as_ref().and_then(|s| s.artifacts.secret_ref.as_ref()) {
+                data.credentials(&secret.name);
+            }
+            let dir = experiment_output(&root, &exp.name_any(), &name, "");
+            Some(pvc_mount_path(&dir).unwrap_or(dir).trim_end_matches('/').to_string())
+        }
+        _ => {
+            for k in spec.outputs.keys() {
+                data.outputs.insert(k.clone(), format!("/mnt/outputs/{k}"));
+            }
+            (!spec.outputs.is_empty()).then(|| "/mnt/outputs".to_string())
+        }
+    };
+    let pinned: BTreeMap<String, PinnedInput> = pins.iter().map(|(k, p)| (k.clone(), p.pin.clone())).collect();
     let mut inputs = RunInputs {
         index,
         trial,
         params: params.clone(),
-        inputs: spec
-            .inputs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.uri.clone().unwrap_or_else(|| format!("/mnt/inputs/{k}"))))
-            .collect(),
-        outputs: spec
-            .outputs
-            .keys()
-            .map(|k| (k.clone(), format!("/mnt/outputs/{k}")))
-            .collect(),
-        outputs_dir: (!spec.outputs.is_empty()).then(|| "/mnt/outputs".to_string()),
+        inputs: data.inputs,
+        outputs: data.outputs,
+        outputs_dir,
         tracking: None,
         // On a ComputeCluster the run waits, suspended, for its admission queue.
         suspend: spec.compute.is_some(),
+        volumes: data.volumes,
+        volume_mounts: data.volume_mounts,
+        init_containers: data.init_containers,
+        env_from: data.env_from,
     };
     // The name first, for the MLflow run (the same function names the Job).
     let probe = match run_spec(exp, &ctx.settings.catalog, inputs.clone()) {
@@ -857,6 +922,10 @@ async fn start_run(
     rs.annotations.insert(SPEC_HASH_ANNOTATION.into(), hash.into());
     rs.annotations
         .insert(PARAMS_ANNOTATION.into(), serde_json::to_string(&params)?);
+    if !pinned.is_empty() {
+        rs.annotations
+            .insert(INPUTS_ANNOTATION.into(), serde_json::to_string(&pinned)?);
+    }
     if let Some(t) = &inputs.tracking {
         rs.annotations.insert(TRACKING_RUN_ANNOTATION.into(), t.run_id.clone());
     }
@@ -880,6 +949,10 @@ async fn start_run(
             let what = match trial {
                 Some(t) => format!("trial {t} as Job {run_name}"),
                 None => format!("run {index} as Job {run_name}"),
+            };
+            let what = match pinned.values().map(describe).collect::<Vec<_>>() {
+                p if p.is_empty() => what,
+                p => format!("{what} with inputs {}", p.join(", ")),
             };
             ctx.event(
                 exp,

@@ -85,6 +85,12 @@ pub struct RunInputs {
     pub tracking: Option<Tracking>,
     /// Create the Job suspended (admission queue).
     pub suspend: bool,
+    /// Volumes, mounts, download init containers and `envFrom` of the
+    /// inputs and outputs ([`crate::controllers::run::inputs::PodData`]).
+    pub volumes: Vec<k8s_openapi::api::core::v1::Volume>,
+    pub volume_mounts: Vec<k8s_openapi::api::core::v1::VolumeMount>,
+    pub init_containers: Vec<k8s_openapi::api::core::v1::Container>,
+    pub env_from: Vec<k8s_openapi::api::core::v1::EnvFromSource>,
 }
 
 fn parse(d: Option<&Duration>, field: &str) -> Result<Option<std::time::Duration>, ValidationError> {
@@ -165,9 +171,10 @@ pub fn run_spec(exp: &Experiment, catalog: &Catalog, run: RunInputs) -> Result<R
         inputs: run.inputs,
         outputs: run.outputs,
         outputs_dir: run.outputs_dir,
-        volumes: Vec::new(),
-        volume_mounts: Vec::new(),
-        init_containers: Vec::new(),
+        volumes: run.volumes,
+        volume_mounts: run.volume_mounts,
+        init_containers: run.init_containers,
+        env_from: run.env_from,
         suspend: run.suspend,
     })
 }

@@ -20,6 +20,10 @@ use crate::controllers::workspace::build::ARTIFACTS_PVC;
 
 /// URI scheme of locations on a workspace's artifacts PVC.
 pub const PVC_SCHEME: &str = "pvc";
+/// Where run pods (and `mlplane fetch`) mount a PVC `<claim>`:
+/// `<PVC_MOUNT_ROOT>/<claim>`, so `pvc://<claim>/<path>` is read and written
+/// at `<PVC_MOUNT_ROOT>/<claim>/<path>` ([`pvc_mount_path`]).
+pub const PVC_MOUNT_ROOT: &str = "/mnt/pvc";
 
 /// The root of a workspace's artifact store, if it has one.
 pub fn artifacts_root(storage: Option<&WorkspaceStorage>) -> Option<String> {
@@ -47,6 +51,21 @@ pub fn cache_output(root: &str, key: &str, output: &str) -> String {
 pub fn pvc_location(location: &str) -> Option<(&str, &str)> {
     let rest = location.strip_prefix(PVC_SCHEME)?.strip_prefix("://")?;
     Some(rest.split_once('/').unwrap_or((rest, "")))
+}
+
+/// The directory a pod mounts the PVC `claim` at.
+pub fn pvc_mount_dir(claim: &str) -> String {
+    format!("{PVC_MOUNT_ROOT}/{claim}")
+}
+
+/// For a `pvc://<claim>/<path>` location: the path a pod with the claim
+/// mounted (at [`pvc_mount_dir`]) reads and writes it at.
+pub fn pvc_mount_path(location: &str) -> Option<String> {
+    let (claim, path) = pvc_location(location)?;
+    Some(match path {
+        "" => pvc_mount_dir(claim),
+        p => format!("{}/{p}", pvc_mount_dir(claim)),
+    })
 }
 
 #[cfg(test)]
@@ -96,5 +115,11 @@ mod tests {
             Some(("mlplane-artifacts", "experiments/resnet/resnet-3-t1/model"))
         );
         assert_eq!(pvc_location("s3://x/y"), None);
+        assert_eq!(
+            pvc_mount_path(&loc).as_deref(),
+            Some("/mnt/pvc/mlplane-artifacts/experiments/resnet/resnet-3-t1/model")
+        );
+        assert_eq!(pvc_mount_path("pvc://c").as_deref(), Some("/mnt/pvc/c"));
+        assert_eq!(pvc_mount_path("s3://x/y"), None);
     }
 }

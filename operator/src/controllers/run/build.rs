@@ -66,9 +66,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
-    ServiceSpec, Toleration, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -200,6 +200,8 @@ pub struct RunSpec {
     pub volumes: Vec<Volume>,
     /// Mounts of the run container.
     pub volume_mounts: Vec<VolumeMount>,
+    /// `envFrom` of the run container (artifact store credentials).
+    pub env_from: Vec<EnvFromSource>,
     /// Init containers (e.g. input downloads); secure defaults are added to
     /// those without a securityContext.
     pub init_containers: Vec<Container>,
@@ -512,6 +514,7 @@ pub fn build_run(spec: &RunSpec) -> Result<RunObjects, BuildError> {
         command: (!spec.command.is_empty()).then(|| spec.command.clone()),
         args: (!spec.args.is_empty()).then(|| spec.args.clone()),
         env: (!env.is_empty()).then_some(env),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
         resources: resources(spec.resources.as_ref()),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: Some(secure_container_context()),

@@ -340,3 +340,69 @@ async fn searches_and_reads_respect_workspaces() {
     assert_eq!(created, json!({"experiment_id": "4"}));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn mlplane_records_answer_their_json() {
+    let s = Server::new().await;
+    let post = |path: &str, body: Value| {
+        Request::post(format!("/api/2.0/mlplane/{path}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let m = crate::storage::manifest::Manifest::new(vec![crate::storage::manifest::Entry {
+        key: "a.csv".into(),
+        size: 4,
+        tag: "\"e\"".into(),
+    }]);
+    let record = json!({"namespace": "ns", "data_asset": "sales", "source": "s3://b/x/",
+                        "digest": m.digest(), "manifest": m.text()});
+    let (code, body) = s.send(post("data-versions/record", record.clone())).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["created"], true);
+    assert_eq!(body["version"]["version"], 1);
+    assert_eq!(body["version"]["files"], 1);
+    let (_, body) = s.send(post("data-versions/record", record)).await;
+    assert_eq!(
+        (body["created"].clone(), body["version"]["version"].clone()),
+        (json!(false), json!(1))
+    );
+    let req = Request::get("/api/2.0/mlplane/data-versions/list?namespace=ns&data_asset=sales")
+        .body(Body::empty())
+        .unwrap();
+    let (_, body) = s.send(req).await;
+    assert_eq!(body["versions"].as_array().map(Vec::len), Some(1));
+    let req = Request::get("/api/2.0/mlplane/data-versions/get?namespace=ns&data_asset=sales&version=1")
+        .body(Body::empty())
+        .unwrap();
+    let (_, body) = s.send(req).await;
+    assert_eq!(body["manifest"], m.text());
+    let req = Request::get("/api/2.0/mlplane/data-versions/get?namespace=ns&data_asset=sales&version=7")
+        .body(Body::empty())
+        .unwrap();
+    let (code, body) = s.send(req).await;
+    assert_eq!(
+        (code, body["error_code"].clone()),
+        (StatusCode::NOT_FOUND, json!("RESOURCE_DOES_NOT_EXIST"))
+    );
+
+    let entry = json!({"cache_key": "k", "pipeline": "p", "run": "1", "step": "prep", "job": "p-1-prep",
+                       "outputs": {"clean": "s3://a/cache/k/clean"}});
+    let (code, body) = s
+        .send(post("step-cache/put", json!({"namespace": "ns", "entry": entry})))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, body) = s
+        .send(post(
+            "step-cache/lookup",
+            json!({"namespace": "ns", "cache_keys": ["k", "x"]}),
+        ))
+        .await;
+    assert_eq!(body["entries"][0]["outputs"]["clean"], "s3://a/cache/k/clean");
+    assert_eq!(body["entries"].as_array().map(Vec::len), Some(1));
+    let (code, body) = s.send(post("step-cache/put", json!({"namespace": "ns"}))).await;
+    assert_eq!(
+        (code, body["error_code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("BAD_REQUEST"))
+    );
+}

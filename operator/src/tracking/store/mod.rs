@@ -9,9 +9,13 @@
 //! sync, immutable params) are applied here, so the REST handlers and the
 //! operator's in-process calls behave the same.
 //!
+//! mlplane's own records (DataAsset versions, the Pipeline step cache) are
+//! in [`records`].
+//!
 //! Owns: the tracking database. Must not touch Kubernetes or artifacts.
 pub mod names;
 mod query;
+pub mod records;
 pub mod validate;
 mod writer;
 
@@ -319,13 +323,25 @@ pub struct Store {
 
 /// The embedded migrations of `operator/migrations/tracking`.
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("run history"),
-        MigrationType::Simple,
-        sqlx::AssertSqlSafe(include_str!("../../../migrations/tracking/0001_run_history.sql")).into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("run history"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../../../migrations/tracking/0001_run_history.sql")).into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("data versions and step cache"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!(
+                "../../../migrations/tracking/0002_data_versions_and_step_cache.sql"
+            ))
+            .into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 /// Normalises a database URL: SQLite paths become absolute and are created

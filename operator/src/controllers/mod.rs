@@ -5,6 +5,7 @@
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
 pub mod experiment;
+pub mod model_deployment;
 pub mod run;
 pub mod workspace;
 
@@ -37,6 +38,10 @@ pub struct Settings {
     pub catalog: run::environment::Catalog,
     /// The operator's image (init containers run its `fetch` subcommand).
     pub image: String,
+    /// Serving runtimes by model format (ModelDeployments).
+    pub runtimes: model_deployment::runtime::RuntimeCatalog,
+    /// ModelDeployment serving settings (Gateway API, rollout deadline).
+    pub serving: model_deployment::ServingSettings,
 }
 
 /// State shared by all reconciles.
@@ -180,5 +185,6 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
     tokio::join!(
         workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
+        model_deployment::run(ctx.clone(), stop.clone()),
     );
 }

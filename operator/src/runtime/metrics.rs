@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -36,6 +37,10 @@ pub struct Metrics {
     pub runs: IntCounterVec,
     /// Wall-clock duration of finished runs (start of the Job to its end), by kind.
     pub run_duration: HistogramVec,
+    /// Changes of a ModelDeployment's effective traffic split (or mirror).
+    pub traffic_shifts: IntCounter,
+    /// Serving rollouts that exceeded their progress deadline.
+    pub rollouts_stalled: IntCounter,
 }
 
 impl Default for Metrics {
@@ -120,6 +125,16 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let traffic_shifts = IntCounter::new(
+            "mlplane_model_traffic_shifts_total",
+            "Changes of a ModelDeployment's effective traffic split or mirror",
+        )
+        .unwrap();
+        let rollouts_stalled = IntCounter::new(
+            "mlplane_model_rollouts_stalled_total",
+            "Serving rollouts that exceeded their progress deadline",
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -132,6 +147,8 @@ impl Metrics {
             Box::new(tracking_duration.clone()),
             Box::new(runs.clone()),
             Box::new(run_duration.clone()),
+            Box::new(traffic_shifts.clone()),
+            Box::new(rollouts_stalled.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -148,6 +165,8 @@ impl Metrics {
             tracking_duration,
             runs,
             run_duration,
+            traffic_shifts,
+            rollouts_stalled,
         }
     }
 

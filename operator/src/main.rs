@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers and the HTTP endpoints.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the MLflow-compatible tracking server on its own (local use).
     Tracking(TrackingArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
@@ -67,7 +67,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             telemetry::init(cli.log_format);
-            mlplane::operator::run(args).await
+            mlplane::operator::run(*args).await
         }
     }
 }

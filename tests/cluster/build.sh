@@ -51,6 +51,9 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 build helm "$cache/helm-$HELM_VERSION/helm" helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 
+# Gateway API CRDs for the ModelDeployment tests (fetched, not built).
+"$here/gateway-api.sh" >/dev/null
+
 # One directory of links, so callers put a single entry on PATH.
 bin=$cache/current
 mkdir -p "$bin"

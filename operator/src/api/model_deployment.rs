@@ -403,7 +403,11 @@ mod tests {
     fn name_is_a_service_name() {
         for bad in ["1resnet", "team.resnet", &"a".repeat(64)] {
             let md = set(valid(), "/metadata/name", json!(bad));
-            assert_invalid(&crd(), &md, "metadata.name names the endpoint Service and must be a DNS-1035 label");
+            assert_invalid(
+                &crd(),
+                &md,
+                "metadata.name names the endpoint Service and must be a DNS-1035 label",
+            );
         }
         assert_valid(&crd(), &set(valid(), "/metadata/name", json!("resnet-50")));
     }

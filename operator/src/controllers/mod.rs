@@ -51,6 +51,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
+    reporter: Reporter,
 }
 
 impl Context {
@@ -60,11 +61,12 @@ impl Context {
             instance: Some(instance),
         };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
             client,
             metrics,
             settings,
             failures: Mutex::default(),
+            reporter,
         })
     }
 
@@ -86,6 +88,33 @@ impl Context {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "recording event failed");
+        }
+    }
+
+    /// Like [`Context::event`], but always a new Event. kube's `Recorder`
+    /// folds every event with the same reason and action on an object into
+    /// one series (within its cache TTL) and keeps the *first* note, so two
+    /// different decisions of one kind (traffic shifted to 90/10, later to
+    /// 0/100) would show only the first. For decisions recorded once each.
+    pub async fn distinct_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "recording event failed");
         }
     }

@@ -152,7 +152,10 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
             &format!("{field}.model"),
             &token,
             previous_pin(prev_by_name.get(d.name.as_str()).copied(), live).as_ref(),
-            d.model.experiment.as_ref().and_then(|e| observed.experiments.get(e).copied()),
+            d.model
+                .experiment
+                .as_ref()
+                .and_then(|e| observed.experiments.get(e).copied()),
             observed.storage,
         );
         if let Some(e) = &resolution.error {
@@ -181,7 +184,10 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
             problems.push(Problem::new(
                 Severity::Invalid,
                 NAME_CONFLICT,
-                format!("{field}.name: {k} {c} already exists and belongs to {}", foreign(k, &c).unwrap()),
+                format!(
+                    "{field}.name: {k} {c} already exists and belongs to {}",
+                    foreign(k, &c).unwrap()
+                ),
             ));
         }
         if let Some(pin) = &resolution.pin {
@@ -336,7 +342,10 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
             problems.push(Problem::new(
                 Severity::Progressing,
                 PROGRESSING,
-                format!("deployment {}: rolling out ({}/{} replicas ready)", d.name, a.ready, a.replicas),
+                format!(
+                    "deployment {}: rolling out ({}/{} replicas ready)",
+                    d.name, a.ready, a.replicas
+                ),
             ));
         } else if a.available < a.replicas {
             problems.push(Problem::new(
@@ -364,7 +373,11 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
             PROGRESSING,
             format!(
                 "waiting for {} to become Available; effective traffic: {} (desired: {})",
-                if waiting.is_empty() { "the split".to_string() } else { waiting.join(", ") },
+                if waiting.is_empty() {
+                    "the split".to_string()
+                } else {
+                    waiting.join(", ")
+                },
                 describe(&effective),
                 describe(&desired)
             ),
@@ -411,11 +424,20 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
     );
 
     // Events: a shift of the effective split, and a newly reported problem.
-    let shifted = (effective != prev_effective || mirror != prev_mirror).then(|| (prev_effective.clone(), effective.clone()));
+    let shifted =
+        (effective != prev_effective || mirror != prev_mirror).then(|| (prev_effective.clone(), effective.clone()));
     if shifted.is_some() {
-        let mut m = format!("effective traffic: {} (was {})", describe(&effective), describe(&prev_effective));
+        let mut m = format!(
+            "effective traffic: {} (was {})",
+            describe(&effective),
+            describe(&prev_effective)
+        );
         if mirror != prev_mirror {
-            m.push_str(&format!("; mirrored: {} (was {})", describe(&mirror), describe(&prev_mirror)));
+            m.push_str(&format!(
+                "; mirrored: {} (was {})",
+                describe(&mirror),
+                describe(&prev_mirror)
+            ));
         }
         events.push(PlannedEvent {
             warning: false,
@@ -535,19 +557,39 @@ mod tests {
             .iter()
             .map(|b| (b["name"].as_str().unwrap().to_string(), b["weight"].as_i64().unwrap()))
             .collect();
-        assert_eq!(weights, [("resnet-blue".to_string(), 90), ("resnet-green".to_string(), 10)]);
+        assert_eq!(
+            weights,
+            [("resnet-blue".to_string(), 90), ("resnet-green".to_string(), 10)]
+        );
         // The longest timeout of the deployments taking traffic.
         assert_eq!(rule["timeouts"]["request"], "30s");
         assert_eq!(effective(&p), [("blue".into(), 90, 90), ("green".into(), 10, 10)]);
-        assert_eq!(ready(&p), ("True".into(), "Ready".into(), "effective traffic: blue 90, green 10".into()));
+        assert_eq!(
+            ready(&p),
+            (
+                "True".into(),
+                "Ready".into(),
+                "effective traffic: blue 90, green 10".into()
+            )
+        );
         assert_eq!(p.status.phase, Some(ModelDeploymentPhase::Ready));
         assert_eq!(p.status.endpoint.as_deref(), Some("http://resnet.vision.svc"));
-        assert_eq!(p.shifted, Some((Split::from([("blue".into(), 100)]), Split::from([("blue".into(), 90), ("green".into(), 10)]))));
-        assert!(p.events.iter().any(|e| e.reason == "TrafficShifted"
-            && e.message == "effective traffic: blue 90, green 10 (was blue 100)"));
+        assert_eq!(
+            p.shifted,
+            Some((
+                Split::from([("blue".into(), 100)]),
+                Split::from([("blue".into(), 90), ("green".into(), 10)])
+            ))
+        );
+        assert!(p.events.iter().any(
+            |e| e.reason == "TrafficShifted" && e.message == "effective traffic: blue 90, green 10 (was blue 100)"
+        ));
         // The endpoint Service selects the primary.
         let endpoint = p.children.services.iter().find(|s| s.name_any() == "resnet").unwrap();
-        assert_eq!(endpoint.spec.as_ref().unwrap().selector.as_ref().unwrap()["mlplane.io/deployment"], "blue");
+        assert_eq!(
+            endpoint.spec.as_ref().unwrap().selector.as_ref().unwrap()["mlplane.io/deployment"],
+            "blue"
+        );
     }
 
     #[test]
@@ -567,7 +609,12 @@ mod tests {
         assert_eq!(rule["backendRefs"][1]["weight"], 0);
         let (status, reason, message) = ready(&p);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "Progressing"));
-        assert!(message.contains("waiting for green (0/2 ready) to become Available; effective traffic: blue 100 (desired: green 100)"), "{message}");
+        assert!(
+            message.contains(
+                "waiting for green (0/2 ready) to become Available; effective traffic: blue 100 (desired: green 100)"
+            ),
+            "{message}"
+        );
         assert_eq!(p.status.phase, Some(ModelDeploymentPhase::Updating));
         assert!(p.shifted.is_none());
     }
@@ -588,13 +635,20 @@ mod tests {
         assert_eq!((status.as_str(), reason.as_str()), ("False", "TrafficSplitUnsupported"));
         assert!(message.contains("(blue 90, green 10) needs Gateway API"), "{message}");
         assert_eq!(p.status.phase, Some(ModelDeploymentPhase::Failed));
-        assert!(p.events.iter().any(|e| e.warning && e.reason == "TrafficSplitUnsupported"));
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.warning && e.reason == "TrafficSplitUnsupported")
+        );
         // All-to-one works without Gateway API: the endpoint Service switches.
         let md = with_effective(two(json!({"blue": 0, "green": 100})), &[("blue", 100)]);
         let p = plan(&md, &observed, &config(&runtimes, None), &at(10));
         assert_eq!(ready(&p).1, "Ready");
         let endpoint = p.children.services.iter().find(|s| s.name_any() == "resnet").unwrap();
-        assert_eq!(endpoint.spec.as_ref().unwrap().selector.as_ref().unwrap()["mlplane.io/deployment"], "green");
+        assert_eq!(
+            endpoint.spec.as_ref().unwrap().selector.as_ref().unwrap()["mlplane.io/deployment"],
+            "green"
+        );
     }
 
     #[test]
@@ -626,8 +680,11 @@ mod tests {
         let mut b = live("resnet-blue", true);
         let st = b.status.as_mut().unwrap();
         st.updated_replicas = Some(1);
-        st.conditions.as_mut().unwrap().push(serde_json::from_value(json!(
-            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"})).unwrap());
+        st.conditions.as_mut().unwrap().push(
+            serde_json::from_value(json!(
+            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}))
+            .unwrap(),
+        );
         let g = live("resnet-green", true);
         let observed = Observed {
             deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
@@ -636,14 +693,17 @@ mod tests {
         let p = plan(&md, &observed, &config(&runtimes, Some(&routes)), &at(10));
         let (status, reason, message) = ready(&p);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "RolloutStalled"));
-        assert!(message.contains("Deployment resnet-blue exceeded its progress deadline"), "{message}");
+        assert!(
+            message.contains("Deployment resnet-blue exceeded its progress deadline"),
+            "{message}"
+        );
         assert_eq!(p.status.phase, Some(ModelDeploymentPhase::Degraded));
         assert_eq!(effective(&p)[0], ("blue".into(), 100, 100));
         assert!(p.events.iter().any(|e| e.reason == "RolloutStalled"));
     }
 
     fn experiment(best: Option<&str>) -> Experiment {
-        let mut status = json!({"runs": [{"name": "resnet-1-t1", "generation": 1, "phase": "Succeeded"},
+        let mut status = json!({"phase": "Succeeded", "runs": [{"name": "resnet-1-t1", "generation": 1, "phase": "Succeeded"},
                                          {"name": "resnet-1-t0", "generation": 1, "phase": "Succeeded"}]});
         if let Some(b) = best {
             status["bestRun"] = json!({"name": b, "metric": "accuracy", "value": 0.9});
@@ -662,9 +722,12 @@ mod tests {
     #[test]
     fn a_model_from_the_best_run_is_pinned_and_missing_runs_hold_the_deployment() {
         let runtimes = RuntimeCatalog::builtin();
-        let m = md(json!({"deployments": [{"name": "blue", "model": {"experiment": "resnet", "run": "best", "format": "ONNX"}}]}));
+        let m = md(
+            json!({"deployments": [{"name": "blue", "model": {"experiment": "resnet", "run": "best", "format": "ONNX"}}]}),
+        );
         let storage: WorkspaceStorage =
-            serde_json::from_value(json!({"artifacts": {"uri": "s3://ml/vision", "secretRef": {"name": "s3"}}})).unwrap();
+            serde_json::from_value(json!({"artifacts": {"uri": "s3://ml/vision", "secretRef": {"name": "s3"}}}))
+                .unwrap();
         let exp = experiment(Some("resnet-1-t0"));
         let observed = Observed {
             experiments: BTreeMap::from([("resnet".to_string(), &exp)]),
@@ -675,11 +738,28 @@ mod tests {
         let p = plan(&m, &observed, &config(&runtimes, None), &at(10));
         let pin = p.status.deployments[0].model.clone().unwrap();
         assert_eq!(pin.uri, "s3://ml/vision/experiments/resnet/resnet-1-t0/model");
-        let fetch = &p.children.deployments[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap()
-            .init_containers.as_ref().unwrap()[0];
+        let fetch = &p.children.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()[0];
         assert_eq!(fetch.args.as_ref().unwrap()[2], pin.uri);
-        assert_eq!(fetch.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "s3");
-        assert!(p.events.iter().any(|e| e.reason == "ModelResolved" && e.message.contains("run resnet-1-t0 of Experiment resnet (best)")));
+        assert_eq!(
+            fetch.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name,
+            "s3"
+        );
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.reason == "ModelResolved"
+                    && e.message.contains("run resnet-1-t0 of Experiment resnet (best)"))
+        );
         assert_eq!(ready(&p).1, "Progressing");
 
         // Later: a better run does not move the pinned model.
@@ -704,7 +784,10 @@ mod tests {
         assert!(p3.children.deployments.is_empty());
         let (status, reason, message) = ready(&p3);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "RunNotFound"));
-        assert!(message.starts_with("spec.deployments[0].model.run: Experiment \"resnet\" has no best run yet"), "{message}");
+        assert!(
+            message.starts_with("spec.deployments[0].model.run: Experiment \"resnet\" has no best run"),
+            "{message}"
+        );
         assert_eq!(p3.status.phase, Some(ModelDeploymentPhase::Pending));
         assert!(p3.waiting);
         // The Experiment gone, with a live Deployment: held, still serving.
@@ -738,15 +821,39 @@ mod tests {
         let p = plan(&m, &observed, &config(&runtimes, None), &at(10));
         let (_, reason, message) = ready(&p);
         assert_eq!(reason, "UnknownModelFormat");
-        assert!(message.contains("spec.deployments[0].model.format: model format \"TorchScript\""), "{message}");
-        assert!(message.contains("spec.deployments[1].name: Service resnet-green already exists and belongs to no ModelDeployment"), "{message}");
+        assert!(
+            message.contains("spec.deployments[0].model.format: model format \"TorchScript\""),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "spec.deployments[1].name: Service resnet-green already exists and belongs to no ModelDeployment"
+            ),
+            "{message}"
+        );
         assert_eq!(p.status.phase, Some(ModelDeploymentPhase::Failed));
-        assert!(p.children.deployments.is_empty(), "blue has no runtime, green's name is taken");
-        let m = md(json!({"deployments": [{"name": "green", "model": {"uri": "s3://m/2", "format": "ONNX"}, "compute": "gpu"}]}));
-        let p = plan(&m, &Observed { missing_clusters: BTreeSet::from(["gpu".to_string()]), ..Default::default() },
-                     &config(&runtimes, None), &at(10));
+        assert!(
+            p.children.deployments.is_empty(),
+            "blue has no runtime, green's name is taken"
+        );
+        let m = md(
+            json!({"deployments": [{"name": "green", "model": {"uri": "s3://m/2", "format": "ONNX"}, "compute": "gpu"}]}),
+        );
+        let p = plan(
+            &m,
+            &Observed {
+                missing_clusters: BTreeSet::from(["gpu".to_string()]),
+                ..Default::default()
+            },
+            &config(&runtimes, None),
+            &at(10),
+        );
         assert_eq!(ready(&p).1, "ComputeClusterNotFound");
-        assert_eq!(p.children.deployments.len(), 1, "built anyway: its pods wait for the nodes");
+        assert_eq!(
+            p.children.deployments.len(),
+            1,
+            "built anyway: its pods wait for the nodes"
+        );
     }
 
     #[test]
@@ -763,7 +870,10 @@ mod tests {
         let mut again = m.clone();
         again.status = Some(first.status.clone());
         let second = plan(&again, &observed, &config(&runtimes, Some(&routes)), &at(20));
-        assert_eq!(second.status, first.status, "status (and its condition times) unchanged");
+        assert_eq!(
+            second.status, first.status,
+            "status (and its condition times) unchanged"
+        );
         assert!(second.shifted.is_none() && second.events.is_empty());
         assert_eq!(
             serde_json::to_value(&second.children.route).unwrap(),

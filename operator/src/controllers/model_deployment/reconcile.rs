@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::build::DEPLOYMENT_LABEL;
 use super::gateway::{API_VERSION, HTTPRoute};
-use super::observe::{ChildCache, Caches, caches, controller_of, controller_uid, drive};
+use super::observe::{Caches, ChildCache, caches, controller_of, controller_uid, drive};
 use super::plan::{Config, Observed, Plan, child_keys, plan};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase};
@@ -85,12 +85,20 @@ async fn gateway_api_served(client: &Client) -> bool {
 }
 
 /// The ModelDeployments of `ns` whose models name the Experiment `exp`.
-fn naming_experiment(store: &Store<DeserializeGuard<ModelDeployment>>, ns: &str, exp: &str) -> Vec<ObjectRef<DeserializeGuard<ModelDeployment>>> {
+fn naming_experiment(
+    store: &Store<DeserializeGuard<ModelDeployment>>,
+    ns: &str,
+    exp: &str,
+) -> Vec<ObjectRef<DeserializeGuard<ModelDeployment>>> {
     store
         .state_filter(|g| {
             g.0.as_ref().is_ok_and(|md| {
                 md.metadata.namespace.as_deref() == Some(ns)
-                    && md.spec.deployments.iter().any(|d| d.model.experiment.as_deref() == Some(exp))
+                    && md
+                        .spec
+                        .deployments
+                        .iter()
+                        .any(|d| d.model.experiment.as_deref() == Some(exp))
             })
         })
         .iter()
@@ -106,9 +114,16 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tracing::info!(
         routes,
         "ModelDeployment controller: traffic splits and mirrors {}",
-        if routes { "through Gateway API HTTPRoutes" } else { "refused (no Gateway API)" }
+        if routes {
+            "through Gateway API HTTPRoutes"
+        } else {
+            "refused (no Gateway API)"
+        }
     );
-    let (store, stream) = guarded_watch(Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()), watch_config());
+    let (store, stream) = guarded_watch(
+        Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
+        watch_config(),
+    );
     let (caches, streams) = caches(&client, routes);
     let mctx = Arc::new(ModelDeploymentContext {
         base: ctx,
@@ -169,9 +184,22 @@ async fn refresh_phase_gauge(
     }
 }
 
-async fn reconcile_guarded(obj: Arc<DeserializeGuard<ModelDeployment>>, ctx: Arc<ModelDeploymentContext>) -> Result<Action> {
+/// Whether a write failed because its namespace is being deleted (its
+/// ModelDeployments go with it: nothing to retry).
+fn namespace_terminating(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 403
+        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
+}
+
+async fn reconcile_guarded(
+    obj: Arc<DeserializeGuard<ModelDeployment>>,
+    ctx: Arc<ModelDeploymentContext>,
+) -> Result<Action> {
     match &obj.0 {
-        Ok(md) => reconcile(md, &ctx).await,
+        Ok(md) => match reconcile(md, &ctx).await {
+            Err(e) if namespace_terminating(&e) => Ok(Action::await_change()),
+            r => r,
+        },
         Err(invalid) => {
             tracing::error!(name = ?invalid.metadata.name, error = %invalid.error, "stored ModelDeployment cannot be read");
             ctx.metrics
@@ -222,7 +250,13 @@ where
 /// For each child the plan wants that the cache does not have: a GET. One
 /// that exists is either ours (remembered, so it is compared, not
 /// re-created) or someone else's (returned: `Kind/name` -> its controller).
-async fn check_absent<K>(api: &Api<K>, cache: &ChildCache<K>, desired: &[K], uid: &str, kind: &str) -> Result<BTreeMap<String, String>>
+async fn check_absent<K>(
+    api: &Api<K>,
+    cache: &ChildCache<K>,
+    desired: &[K],
+    uid: &str,
+    kind: &str,
+) -> Result<BTreeMap<String, String>>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
@@ -243,35 +277,47 @@ where
     Ok(foreign)
 }
 
-/// Deletes the cached children of `uid` that the plan neither built nor held.
-async fn delete_orphans<K>(
-    api: &Api<K>,
-    cache: &ChildCache<K>,
-    ns: &str,
-    uid: &str,
-    keep: &BTreeSet<String>,
-    held: &BTreeSet<String>,
-    kind: &str,
-    changes: &mut Changes,
-) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-{
-    for child in cache.owned_by(ns, uid) {
-        let name = child.name_any();
-        let held_by = child.labels().get(DEPLOYMENT_LABEL).is_some_and(|d| held.contains(d));
-        if keep.contains(&name) || held_by {
-            continue;
+/// Whose children a cleanup looks at, and which of them stay.
+struct Orphans<'a> {
+    ns: &'a str,
+    uid: &'a str,
+    /// Deployments whose children are held (not built now, not deleted).
+    held: &'a BTreeSet<String>,
+}
+
+impl Orphans<'_> {
+    /// Deletes the cached children of `uid` that the plan neither built
+    /// (`keep`) nor held.
+    async fn delete<K>(
+        &self,
+        api: &Api<K>,
+        cache: &ChildCache<K>,
+        keep: &BTreeSet<String>,
+        kind: &str,
+        changes: &mut Changes,
+    ) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    {
+        for child in cache.owned_by(self.ns, self.uid) {
+            let name = child.name_any();
+            let held = child
+                .labels()
+                .get(DEPLOYMENT_LABEL)
+                .is_some_and(|d| self.held.contains(d));
+            if keep.contains(&name) || held {
+                continue;
+            }
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            cache.forget(self.ns, &name);
+            changes.deleted.push(format!("{kind}/{name}"));
         }
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        cache.forget(ns, &name);
-        changes.deleted.push(format!("{kind}/{name}"));
+        Ok(())
     }
-    Ok(())
 }
 
 fn names<K: Resource>(objs: &[K]) -> BTreeSet<String> {
@@ -334,9 +380,15 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         }
     }
     for key in child_keys(md) {
-        let Some((kind, child)) = key.split_once('/') else { continue };
+        let Some((kind, child)) = key.split_once('/') else {
+            continue;
+        };
         let owner = match kind {
-            "Service" => ctx.caches.services.get(&ns, child).map(|o| (controller_uid(&o).map(String::from), controller_of(&o))),
+            "Service" => ctx
+                .caches
+                .services
+                .get(&ns, child)
+                .map(|o| (controller_uid(&o).map(String::from), controller_of(&o))),
             "HorizontalPodAutoscaler" => ctx
                 .caches
                 .autoscalers
@@ -383,15 +435,36 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     // name turned out to be taken.
     let mut planned: Plan = plan(
         md,
-        &observe(md, ctx, &live_deployments, &experiments, workspace.as_deref(), foreign.clone()),
+        &observe(
+            md,
+            ctx,
+            &live_deployments,
+            &experiments,
+            workspace.as_deref(),
+            foreign.clone(),
+        ),
         &config,
         &now,
     );
     let c = &planned.children;
-    let mut taken = check_absent(&deployments, &ctx.caches.deployments, &c.deployments, &uid, "Deployment").await?;
+    let mut taken = check_absent(
+        &deployments,
+        &ctx.caches.deployments,
+        &c.deployments,
+        &uid,
+        "Deployment",
+    )
+    .await?;
     taken.extend(check_absent(&services, &ctx.caches.services, &c.services, &uid, "Service").await?);
     taken.extend(
-        check_absent(&autoscalers, &ctx.caches.autoscalers, &c.autoscalers, &uid, "HorizontalPodAutoscaler").await?,
+        check_absent(
+            &autoscalers,
+            &ctx.caches.autoscalers,
+            &c.autoscalers,
+            &uid,
+            "HorizontalPodAutoscaler",
+        )
+        .await?,
     );
     if let (Some(cache), Some(route)) = (&ctx.caches.routes, &c.route) {
         taken.extend(check_absent(&routes, cache, std::slice::from_ref(route), &uid, "HTTPRoute").await?);
@@ -400,7 +473,14 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         foreign.extend(taken);
         planned = plan(
             md,
-            &observe(md, ctx, &live_deployments, &experiments, workspace.as_deref(), foreign.clone()),
+            &observe(
+                md,
+                ctx,
+                &live_deployments,
+                &experiments,
+                workspace.as_deref(),
+                foreign.clone(),
+            ),
             &config,
             &now,
         );
@@ -419,14 +499,27 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
             }
         }
     };
-    let results = try_join_all(c.deployments.iter().map(|d| apply_child(&deployments, &ctx.caches.deployments, d))).await?;
+    let results = try_join_all(
+        c.deployments
+            .iter()
+            .map(|d| apply_child(&deployments, &ctx.caches.deployments, d)),
+    )
+    .await?;
     let dep_names: Vec<String> = c.deployments.iter().map(|d| d.name_any()).collect();
     record(&mut changes, "Deployment", &dep_names, results);
     let svc_names: Vec<String> = c.services.iter().map(|s| s.name_any()).collect();
     let hpa_names: Vec<String> = c.autoscalers.iter().map(|s| s.name_any()).collect();
     let (svc_results, hpa_results, route_result) = futures::try_join!(
-        try_join_all(c.services.iter().map(|s| apply_child(&services, &ctx.caches.services, s))),
-        try_join_all(c.autoscalers.iter().map(|a| apply_child(&autoscalers, &ctx.caches.autoscalers, a))),
+        try_join_all(
+            c.services
+                .iter()
+                .map(|s| apply_child(&services, &ctx.caches.services, s))
+        ),
+        try_join_all(
+            c.autoscalers
+                .iter()
+                .map(|a| apply_child(&autoscalers, &ctx.caches.autoscalers, a))
+        ),
         async {
             match (&ctx.caches.routes, &c.route) {
                 (Some(cache), Some(route)) => apply_child(&routes, cache, route).await,
@@ -442,23 +535,37 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
 
     // Orphans: children of deployments gone from the spec, autoscalers of
     // deployments no longer autoscaled.
-    let held = &planned.held;
-    delete_orphans(&deployments, &ctx.caches.deployments, &ns, &uid, &names(&c.deployments), held, "Deployment", &mut changes).await?;
-    delete_orphans(&services, &ctx.caches.services, &ns, &uid, &names(&c.services), held, "Service", &mut changes).await?;
-    delete_orphans(
-        &autoscalers,
-        &ctx.caches.autoscalers,
-        &ns,
-        &uid,
-        &names(&c.autoscalers),
-        held,
-        "HorizontalPodAutoscaler",
-        &mut changes,
-    )
-    .await?;
+    let orphans = Orphans {
+        ns: &ns,
+        uid: &uid,
+        held: &planned.held,
+    };
+    let ch = &mut changes;
+    orphans
+        .delete(
+            &deployments,
+            &ctx.caches.deployments,
+            &names(&c.deployments),
+            "Deployment",
+            ch,
+        )
+        .await?;
+    orphans
+        .delete(&services, &ctx.caches.services, &names(&c.services), "Service", ch)
+        .await?;
+    let hpa_keep = names(&c.autoscalers);
+    orphans
+        .delete(
+            &autoscalers,
+            &ctx.caches.autoscalers,
+            &hpa_keep,
+            "HorizontalPodAutoscaler",
+            ch,
+        )
+        .await?;
     if let Some(cache) = &ctx.caches.routes {
         let keep = c.route.iter().map(|r| r.name_any()).collect();
-        delete_orphans(&routes, cache, &ns, &uid, &keep, held, "HTTPRoute", &mut changes).await?;
+        orphans.delete(&routes, cache, &keep, "HTTPRoute", ch).await?;
     }
 
     // Status, then events.
@@ -470,7 +577,8 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         ("Deleted", &changes.deleted),
     ] {
         if !list.is_empty() {
-            ctx.event(md, EventType::Normal, reason, "Reconcile", format!("{} {}", reason.to_lowercase(), list.join(", ")))
+            let note = format!("{} {}", reason.to_lowercase(), list.join(", "));
+            ctx.distinct_event(md, EventType::Normal, reason, "Reconcile", note)
                 .await;
         }
     }
@@ -481,8 +589,13 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         if e.reason == ROLLOUT_STALLED {
             ctx.metrics.rollouts_stalled.inc();
         }
-        let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
-        ctx.event(md, type_, e.reason, "Reconcile", e.message.clone()).await;
+        let type_ = if e.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.distinct_event(md, type_, e.reason, "Reconcile", e.message.clone())
+            .await;
     }
     ctx.reset_failures(&uid);
     let blocked = !foreign.is_empty() || planned.waiting;

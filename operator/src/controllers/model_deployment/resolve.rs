@@ -16,8 +16,8 @@
 //! +%s) --overwrite`), which resolves every Experiment model again.
 //!
 //! Run selection, from the Experiment's status: `best` (the default) is
-//! `status.bestRun`, or for an Experiment without a sweep its newest
-//! succeeded run; `latest` is the newest succeeded run (trials included);
+//! `status.bestRun` once the sweep has ended (while trials run it is not
+//! final), or for an Experiment without a sweep its newest succeeded run; `latest` is the newest succeeded run (trials included);
 //! a run name must be a succeeded run in `status.runs`. The output (default
 //! `model`) must be one of the Experiment's `spec.outputs`.
 use crate::api::experiment::{Experiment, RunPhase};
@@ -140,11 +140,10 @@ fn resolve_fresh(
         field: field.clone(),
         name: exp_name.clone(),
     })?;
-    let run = select_run(exp, model.run.as_deref().unwrap_or("best"))
-        .map_err(|detail| ResolveError::RunNotFound {
-            field: field.clone(),
-            detail,
-        })?;
+    let run = select_run(exp, model.run.as_deref().unwrap_or("best")).map_err(|detail| ResolveError::RunNotFound {
+        field: field.clone(),
+        detail,
+    })?;
     let output = model.output.clone().unwrap_or_else(|| DEFAULT_OUTPUT.into());
     if !exp.spec.outputs.contains_key(&output) {
         return Err(ResolveError::OutputNotFound {
@@ -176,12 +175,18 @@ pub fn select_run(exp: &Experiment, selector: &str) -> Result<String, String> {
             .map(|r| r.name.clone())
     };
     match selector {
-        "best" if exp.spec.sweep.is_some() => status.best_run.map(|b| b.name).ok_or_else(|| {
-            format!("Experiment {name:?} has no best run yet (no trial has succeeded with its objective metric)")
-        }),
-        "best" | "latest" => {
-            newest_succeeded().ok_or_else(|| format!("Experiment {name:?} has no succeeded run yet"))
+        "best" if exp.spec.sweep.is_some() => {
+            // A sweep's best run is final only once its trials have ended.
+            if !status.phase.is_some_and(RunPhase::is_terminal) {
+                return Err(format!(
+                    "Experiment {name:?} is still running its sweep: its best run is not final yet"
+                ));
+            }
+            status.best_run.map(|b| b.name).ok_or_else(|| {
+                format!("Experiment {name:?} has no best run (no trial succeeded with its objective metric)")
+            })
         }
+        "best" | "latest" => newest_succeeded().ok_or_else(|| format!("Experiment {name:?} has no succeeded run yet")),
         run => match status.runs.iter().find(|r| r.name == run) {
             Some(r) if r.phase == RunPhase::Succeeded => Ok(run.to_string()),
             Some(r) => Err(format!(
@@ -239,7 +244,10 @@ mod tests {
 
     #[test]
     fn best_run_of_a_sweep_resolves_to_its_output_in_the_artifact_store() {
-        let exp = experiment(true, json!({"runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}));
+        let exp = experiment(
+            true,
+            json!({"phase": "Succeeded", "runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}),
+        );
         let r = resolve(&from_exp(None, None), FIELD, "", None, Some(&exp), Some(&storage()));
         assert!(r.resolved_now && r.error.is_none());
         let pin = r.pin.unwrap();
@@ -259,9 +267,15 @@ mod tests {
         assert_eq!(uri(&from_exp(Some("latest"), None)), at("resnet-2-t0"));
         assert_eq!(uri(&from_exp(Some("best"), None)), at("resnet-2-t0"));
         assert_eq!(uri(&from_exp(Some("resnet-1-t1"), Some("model"))), at("resnet-1-t1"));
-        let pvc: WorkspaceStorage =
-            serde_json::from_value(json!({"artifacts": {"pvc": {"size": "1Gi"}}})).unwrap();
-        let r = resolve(&from_exp(Some("latest"), Some("metrics")), FIELD, "", None, Some(&exp), Some(&pvc));
+        let pvc: WorkspaceStorage = serde_json::from_value(json!({"artifacts": {"pvc": {"size": "1Gi"}}})).unwrap();
+        let r = resolve(
+            &from_exp(Some("latest"), Some("metrics")),
+            FIELD,
+            "",
+            None,
+            Some(&exp),
+            Some(&pvc),
+        );
         assert_eq!(
             r.pin.unwrap().uri,
             "pvc://mlplane-artifacts/experiments/resnet/resnet-2-t0/metrics"
@@ -282,28 +296,52 @@ mod tests {
             e.to_string(),
             "spec.deployments[0].model.experiment: Experiment \"resnet\" does not exist in this namespace"
         );
-        let sweep = experiment(true, json!({"runs": runs()}));
-        let e = err(&from_exp(None, None), Some(&sweep), Some(&st));
+        let running = experiment(
+            true,
+            json!({"phase": "Running", "runs": runs(),
+            "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}),
+        );
+        let e = err(&from_exp(None, None), Some(&running), Some(&st));
         assert_eq!(e.reason(), "RunNotFound");
-        assert!(e.to_string().contains("has no best run yet"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("is still running its sweep: its best run is not final yet"),
+            "{e}"
+        );
+        let sweep = experiment(true, json!({"phase": "Failed", "runs": runs()}));
+        let e = err(&from_exp(None, None), Some(&sweep), Some(&st));
+        assert!(e.to_string().contains("has no best run (no trial succeeded"), "{e}");
         let e = err(&from_exp(Some("resnet-2-t1"), None), Some(&sweep), Some(&st));
         assert!(e.to_string().contains("is Running, not Succeeded"), "{e}");
         let e = err(&from_exp(Some("resnet-9"), None), Some(&sweep), Some(&st));
         assert!(e.to_string().contains("has no run \"resnet-9\""), "{e}");
-        let e = err(&from_exp(Some("latest"), None), Some(&experiment(false, json!({}))), Some(&st));
+        let e = err(
+            &from_exp(Some("latest"), None),
+            Some(&experiment(false, json!({}))),
+            Some(&st),
+        );
         assert!(e.to_string().contains("has no succeeded run yet"), "{e}");
         let e = err(&from_exp(Some("latest"), Some("weights")), Some(&sweep), Some(&st));
         assert_eq!(e.reason(), "OutputNotFound");
-        assert!(e.to_string().ends_with("has no output \"weights\" (its outputs: metrics, model)"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("has no output \"weights\" (its outputs: metrics, model)"),
+            "{e}"
+        );
         let e = err(&from_exp(Some("latest"), None), Some(&sweep), None);
         assert_eq!(e.reason(), "NoArtifactStore");
     }
 
     #[test]
     fn a_pin_stands_until_its_source_or_the_resolve_token_changes() {
-        let mut exp = experiment(true, json!({"runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}));
+        let mut exp = experiment(
+            true,
+            json!({"phase": "Succeeded", "runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}),
+        );
         let st = storage();
-        let first = resolve(&from_exp(None, None), FIELD, "", None, Some(&exp), Some(&st)).pin.unwrap();
+        let first = resolve(&from_exp(None, None), FIELD, "", None, Some(&exp), Some(&st))
+            .pin
+            .unwrap();
         // A better run later: the pin stays.
         exp.status.as_mut().unwrap().best_run.as_mut().unwrap().name = "resnet-2-t0".into();
         let again = resolve(&from_exp(None, None), FIELD, "", Some(&first), Some(&exp), Some(&st));
@@ -312,7 +350,12 @@ mod tests {
         // The format is not part of the source.
         let mut onnx = from_exp(None, None);
         onnx.format = Some("MLflow".into());
-        assert_eq!(resolve(&onnx, FIELD, "", Some(&first), Some(&exp), Some(&st)).pin.as_ref(), Some(&first));
+        assert_eq!(
+            resolve(&onnx, FIELD, "", Some(&first), Some(&exp), Some(&st))
+                .pin
+                .as_ref(),
+            Some(&first)
+        );
         // A new resolve token moves it to the new best run.
         let moved = resolve(&from_exp(None, None), FIELD, "1", Some(&first), Some(&exp), Some(&st));
         assert!(moved.resolved_now);
@@ -321,10 +364,22 @@ mod tests {
 
     #[test]
     fn a_failed_resolution_keeps_serving_the_previous_pin() {
-        let exp = experiment(true, json!({"runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}));
+        let exp = experiment(
+            true,
+            json!({"phase": "Succeeded", "runs": runs(), "bestRun": {"name": "resnet-1-t1", "metric": "accuracy", "value": 0.9}}),
+        );
         let st = storage();
-        let first = resolve(&from_exp(None, None), FIELD, "", None, Some(&exp), Some(&st)).pin.unwrap();
-        let r = resolve(&from_exp(Some("resnet-9"), None), FIELD, "", Some(&first), Some(&exp), Some(&st));
+        let first = resolve(&from_exp(None, None), FIELD, "", None, Some(&exp), Some(&st))
+            .pin
+            .unwrap();
+        let r = resolve(
+            &from_exp(Some("resnet-9"), None),
+            FIELD,
+            "",
+            Some(&first),
+            Some(&exp),
+            Some(&st),
+        );
         assert_eq!(r.pin, Some(first));
         assert_eq!(r.error.unwrap().reason(), "RunNotFound");
     }

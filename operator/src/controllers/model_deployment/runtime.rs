@@ -234,7 +234,10 @@ impl RuntimeCatalog {
                 }
             }
             let m = &rt.request_settings;
-            for p in [&m.timeout, &m.max_concurrent_requests_per_instance].into_iter().flatten() {
+            for p in [&m.timeout, &m.max_concurrent_requests_per_instance]
+                .into_iter()
+                .flatten()
+            {
                 if p.arg.as_ref().is_some_and(|a| !a.contains("{}")) {
                     return Err(invalid(format, "a request setting's arg must contain {}"));
                 }
@@ -340,8 +343,14 @@ mod tests {
 
     #[test]
     fn onnx_is_served_by_triton_with_kserve_v2_health() {
-        let r = RuntimeCatalog::builtin().resolve(&deployment(Some("onnx"), None), 0).unwrap();
-        assert!(r.runtime.image.starts_with("nvcr.io/nvidia/tritonserver:"), "{}", r.runtime.image);
+        let r = RuntimeCatalog::builtin()
+            .resolve(&deployment(Some("onnx"), None), 0)
+            .unwrap();
+        assert!(
+            r.runtime.image.starts_with("nvcr.io/nvidia/tritonserver:"),
+            "{}",
+            r.runtime.image
+        );
         assert!(!r.runtime.image.ends_with(":latest"));
         assert_eq!(r.runtime.command, ["tritonserver"]);
         assert!(r.runtime.args.contains(&"--model-repository=/mnt/models".to_string()));
@@ -354,8 +363,14 @@ mod tests {
 
     #[test]
     fn mlflow_models_are_served_by_mlflow() {
-        let r = RuntimeCatalog::builtin().resolve(&deployment(Some("MLflow"), None), 0).unwrap();
-        assert!(r.runtime.image.starts_with("ghcr.io/mlflow/mlflow:v"), "{}", r.runtime.image);
+        let r = RuntimeCatalog::builtin()
+            .resolve(&deployment(Some("MLflow"), None), 0)
+            .unwrap();
+        assert!(
+            r.runtime.image.starts_with("ghcr.io/mlflow/mlflow:v"),
+            "{}",
+            r.runtime.image
+        );
         assert_eq!(r.runtime.command, ["mlflow", "models", "serve"]);
         assert!(r.runtime.args.contains(&"--port=8080".to_string()));
         assert_eq!(r.runtime.readiness_path.as_deref(), Some("/health"));
@@ -392,7 +407,10 @@ mod tests {
     #[test]
     fn runtime_image_replaces_only_the_image_of_a_known_format() {
         let r = RuntimeCatalog::builtin()
-            .resolve(&deployment(Some("ONNX"), Some("nvcr.io/nvidia/tritonserver:24.08-py3")), 0)
+            .resolve(
+                &deployment(Some("ONNX"), Some("nvcr.io/nvidia/tritonserver:24.08-py3")),
+                0,
+            )
             .unwrap();
         assert_eq!(r.runtime.image, "nvcr.io/nvidia/tritonserver:24.08-py3");
         assert_eq!(r.runtime.command, ["tritonserver"]);

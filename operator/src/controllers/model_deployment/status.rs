@@ -101,15 +101,29 @@ mod tests {
     fn the_worst_kind_decides_and_every_problem_of_it_is_named() {
         let problems = vec![
             Problem::new(Severity::Progressing, PROGRESSING, "waiting for green"),
-            Problem::new(Severity::Missing, "RunNotFound", "spec.deployments[1].model.run: no best run"),
-            Problem::new(Severity::Missing, COMPUTE_CLUSTER_NOT_FOUND, "spec.deployments[0].compute: gpu"),
+            Problem::new(
+                Severity::Missing,
+                "RunNotFound",
+                "spec.deployments[1].model.run: no best run",
+            ),
+            Problem::new(
+                Severity::Missing,
+                COMPUTE_CLUSTER_NOT_FOUND,
+                "spec.deployments[0].compute: gpu",
+            ),
         ];
         let (ready, reason, message, phase) = summarize(&problems, true, String::new());
         assert!(!ready);
         assert_eq!(reason, "RunNotFound");
-        assert_eq!(message, "spec.deployments[1].model.run: no best run; spec.deployments[0].compute: gpu");
+        assert_eq!(
+            message,
+            "spec.deployments[1].model.run: no best run; spec.deployments[0].compute: gpu"
+        );
         assert_eq!(phase, ModelDeploymentPhase::Degraded);
-        assert_eq!(summarize(&problems, false, String::new()).3, ModelDeploymentPhase::Pending);
+        assert_eq!(
+            summarize(&problems, false, String::new()).3,
+            ModelDeploymentPhase::Pending
+        );
     }
 
     #[test]
@@ -121,6 +135,9 @@ mod tests {
         assert_eq!(one(Severity::Degraded), ModelDeploymentPhase::Degraded);
         let (ready, reason, message, phase) = summarize(&[], true, "effective traffic: blue 100".into());
         assert!(ready);
-        assert_eq!((reason, message.as_str(), phase), (READY_REASON, "effective traffic: blue 100", ModelDeploymentPhase::Ready));
+        assert_eq!(
+            (reason, message.as_str(), phase),
+            (READY_REASON, "effective traffic: blue 100", ModelDeploymentPhase::Ready)
+        );
     }
 }

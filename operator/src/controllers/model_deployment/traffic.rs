@@ -134,10 +134,8 @@ pub fn normalize(split: &Split) -> Split {
         .map(|(k, v)| (k.clone(), (i64::from(*v) * 100 / total) as i32))
         .collect();
     let mut rest = 100 - out.values().sum::<i32>();
-    let mut by_remainder: Vec<(i64, &String)> = split
-        .iter()
-        .map(|(k, v)| (-(i64::from(*v) * 100 % total), k))
-        .collect();
+    let mut by_remainder: Vec<(i64, &String)> =
+        split.iter().map(|(k, v)| (-(i64::from(*v) * 100 % total), k)).collect();
     by_remainder.sort();
     for (_, k) in by_remainder.iter().cycle() {
         if rest == 0 {
@@ -216,7 +214,9 @@ pub fn primary(effective: &Split, desired: &Split, order: &[String]) -> Option<S
             .max_by_key(|d| (split[*d], std::cmp::Reverse(order.iter().position(|o| o == *d))))
             .cloned()
     };
-    pick(effective).or_else(|| pick(desired)).or_else(|| order.first().cloned())
+    pick(effective)
+        .or_else(|| pick(desired))
+        .or_else(|| order.first().cloned())
 }
 
 /// `blue 90, green 10`, or `none`.
@@ -337,16 +337,31 @@ mod tests {
         let a = avail(&[("blue", READY), ("green", STARTING)]);
         assert_eq!(effective_split(&want, &Split::new(), &a), split(&[("blue", 100)]));
         // No traffic asked for: none given.
-        assert_eq!(effective_split(&Split::new(), &split(&[("blue", 100)]), &a), Split::new());
+        assert_eq!(
+            effective_split(&Split::new(), &split(&[("blue", 100)]), &a),
+            Split::new()
+        );
     }
 
     #[test]
     fn normalize_uses_largest_remainders_and_sums_to_100() {
-        assert_eq!(normalize(&split(&[("a", 1), ("b", 1), ("c", 1)])), split(&[("a", 34), ("b", 33), ("c", 33)]));
-        assert_eq!(normalize(&split(&[("a", 45), ("b", 45)])), split(&[("a", 50), ("b", 50)]));
-        assert_eq!(normalize(&split(&[("a", 70), ("b", 20)])), split(&[("a", 78), ("b", 22)]));
+        assert_eq!(
+            normalize(&split(&[("a", 1), ("b", 1), ("c", 1)])),
+            split(&[("a", 34), ("b", 33), ("c", 33)])
+        );
+        assert_eq!(
+            normalize(&split(&[("a", 45), ("b", 45)])),
+            split(&[("a", 50), ("b", 50)])
+        );
+        assert_eq!(
+            normalize(&split(&[("a", 70), ("b", 20)])),
+            split(&[("a", 78), ("b", 22)])
+        );
         assert_eq!(normalize(&Split::new()), Split::new());
-        for s in [split(&[("a", 3), ("b", 3), ("c", 1)]), split(&[("a", 99), ("b", 1), ("c", 1)])] {
+        for s in [
+            split(&[("a", 3), ("b", 3), ("c", 1)]),
+            split(&[("a", 99), ("b", 1), ("c", 1)]),
+        ] {
             assert_eq!(normalize(&s).values().sum::<i32>(), 100, "{s:?}");
         }
     }
@@ -369,9 +384,18 @@ mod tests {
     #[test]
     fn primary_is_the_largest_effective_share_in_spec_order() {
         let order: Vec<String> = ["blue", "green"].map(String::from).to_vec();
-        assert_eq!(primary(&split(&[("blue", 90), ("green", 10)]), &Split::new(), &order).as_deref(), Some("blue"));
-        assert_eq!(primary(&split(&[("blue", 50), ("green", 50)]), &Split::new(), &order).as_deref(), Some("blue"));
-        assert_eq!(primary(&Split::new(), &split(&[("green", 100)]), &order).as_deref(), Some("green"));
+        assert_eq!(
+            primary(&split(&[("blue", 90), ("green", 10)]), &Split::new(), &order).as_deref(),
+            Some("blue")
+        );
+        assert_eq!(
+            primary(&split(&[("blue", 50), ("green", 50)]), &Split::new(), &order).as_deref(),
+            Some("blue")
+        );
+        assert_eq!(
+            primary(&Split::new(), &split(&[("green", 100)]), &order).as_deref(),
+            Some("green")
+        );
         assert_eq!(primary(&Split::new(), &Split::new(), &order).as_deref(), Some("blue"));
     }
 

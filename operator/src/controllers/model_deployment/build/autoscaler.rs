@@ -29,7 +29,10 @@ pub fn build(md: &ModelDeployment, d: &ServingDeployment) -> Option<HorizontalPo
     let scale = d.scale.as_ref().filter(|s| autoscaled(Some(s)))?;
     let name = child_name(&md.metadata.name.clone().unwrap_or_default(), &d.name);
     let max = scale.max_instances.unwrap_or(DEFAULT_MIN_INSTANCES);
-    let min = scale.min_instances.unwrap_or(DEFAULT_MIN_INSTANCES).clamp(1, max.max(1));
+    let min = scale
+        .min_instances
+        .unwrap_or(DEFAULT_MIN_INSTANCES)
+        .clamp(1, max.max(1));
     Some(with_spec_hash(HorizontalPodAutoscaler {
         metadata: metadata(md, &name, deployment_labels(md, &d.name)),
         spec: HorizontalPodAutoscalerSpec {
@@ -81,10 +84,24 @@ mod tests {
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 5));
         let metric = &spec.metrics.unwrap()[0];
         let target = &metric.resource.as_ref().unwrap().target;
-        assert_eq!((metric.resource.as_ref().unwrap().name.as_str(), target.average_utilization), ("cpu", Some(60)));
+        assert_eq!(
+            (
+                metric.resource.as_ref().unwrap().name.as_str(),
+                target.average_utilization
+            ),
+            ("cpu", Some(60))
+        );
         let spec = build(&md, &md.spec.deployments[1]).unwrap().spec;
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(1), 3));
-        assert_eq!(spec.metrics.unwrap()[0].resource.as_ref().unwrap().target.average_utilization, Some(70));
+        assert_eq!(
+            spec.metrics.unwrap()[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .target
+                .average_utilization,
+            Some(70)
+        );
         assert!(build(&md, &md.spec.deployments[2]).is_none());
         assert!(build(&md, &md.spec.deployments[3]).is_none());
     }

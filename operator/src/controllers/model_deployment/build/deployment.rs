@@ -216,7 +216,10 @@ pub fn build(input: &ServingInput<'_>) -> Deployment {
     let mut pod_labels = pod_md.labels;
     pod_labels.extend(deployment_labels(md, &d.name));
     let mut pod_annotations = pod_md.annotations;
-    pod_annotations.insert("kubectl.kubernetes.io/default-container".into(), SERVER_CONTAINER.into());
+    pod_annotations.insert(
+        "kubectl.kubernetes.io/default-container".into(),
+        SERVER_CONTAINER.into(),
+    );
 
     let replicas = if input.autoscaled {
         None
@@ -345,7 +348,10 @@ mod tests {
         let server = &pod(&d).containers[0];
         let m = &server.volume_mounts.as_ref().unwrap()[0];
         assert_eq!((m.mount_path.as_str(), m.read_only), ("/mnt/models", Some(true)));
-        assert_eq!(pod(&d).volumes.as_ref().unwrap()[0].empty_dir, Some(EmptyDirVolumeSource::default()));
+        assert_eq!(
+            pod(&d).volumes.as_ref().unwrap()[0].empty_dir,
+            Some(EmptyDirVolumeSource::default())
+        );
         // The pin is recorded on the Deployment.
         let recorded: PinnedModel =
             serde_json::from_str(&d.metadata.annotations.as_ref().unwrap()[MODEL_ANNOTATION]).unwrap();
@@ -375,8 +381,17 @@ mod tests {
             .find(|v| v.name == ARTIFACTS_VOLUME)
             .unwrap();
         let claim = vol.persistent_volume_claim.as_ref().unwrap();
-        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("mlplane-artifacts", Some(true)));
-        let m = fetch.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == ARTIFACTS_VOLUME).unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("mlplane-artifacts", Some(true))
+        );
+        let m = fetch
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == ARTIFACTS_VOLUME)
+            .unwrap();
         assert_eq!(m.read_only, Some(true));
     }
 
@@ -390,8 +405,20 @@ mod tests {
         let p = pod(&d);
         let server = &p.containers[0];
         assert_eq!(server.name, SERVER_CONTAINER);
-        assert!(server.image.as_ref().unwrap().starts_with("nvcr.io/nvidia/tritonserver:"));
-        assert!(server.args.as_ref().unwrap().contains(&"--http-thread-count=2".to_string()));
+        assert!(
+            server
+                .image
+                .as_ref()
+                .unwrap()
+                .starts_with("nvcr.io/nvidia/tritonserver:")
+        );
+        assert!(
+            server
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"--http-thread-count=2".to_string())
+        );
         assert_eq!(server.ports.as_ref().unwrap()[0].container_port, 8080);
         for probe in [&server.readiness_probe, &server.liveness_probe] {
             let probe = probe.as_ref().unwrap();
@@ -410,9 +437,22 @@ mod tests {
         let res = server.resources.as_ref().unwrap();
         assert_eq!(res.limits.as_ref().unwrap()[GPU_RESOURCE].0, "1");
         assert!(!res.limits.as_ref().unwrap().contains_key("cpu"));
-        assert!(server.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/dev/shm"));
+        assert!(
+            server
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == "/dev/shm")
+        );
         assert_eq!(p.node_selector.as_ref().unwrap()[COMPUTE_CLUSTER_LABEL], "gpu");
-        let tol: Vec<_> = p.tolerations.as_ref().unwrap().iter().map(|t| t.key.clone().unwrap()).collect();
+        let tol: Vec<_> = p
+            .tolerations
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.key.clone().unwrap())
+            .collect();
         assert_eq!(tol, [COMPUTE_CLUSTER_LABEL, GPU_RESOURCE]);
         assert_eq!(p.automount_service_account_token, Some(false));
         assert_eq!(server.security_context, Some(secure_container_context()));
@@ -421,10 +461,7 @@ mod tests {
         assert_eq!(tmpl.labels.as_ref().unwrap()["team"], "vision");
         assert_eq!(tmpl.labels.as_ref().unwrap()[DEPLOYMENT_LABEL], "blue");
         assert_eq!(tmpl.annotations.as_ref().unwrap()["sim.mlplane.io/never-ready"], "true");
-        assert_eq!(
-            spec.selector.match_labels.as_ref().unwrap()[DEPLOYMENT_LABEL],
-            "blue"
-        );
+        assert_eq!(spec.selector.match_labels.as_ref().unwrap()[DEPLOYMENT_LABEL], "blue");
         // Safe rollout.
         let ru = spec.strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
         assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
@@ -434,17 +471,22 @@ mod tests {
     #[test]
     fn spec_probes_override_the_runtime_and_custom_images_get_tcp_checks() {
         let mut md = sample();
-        md.spec.deployments[0].probes = Some(serde_json::from_value(json!({"readiness": {"path": "/ready", "port": 9000}})).unwrap());
+        md.spec.deployments[0].probes =
+            Some(serde_json::from_value(json!({"readiness": {"path": "/ready", "port": 9000}})).unwrap());
         let d = built(&md, &pin("s3://m/"), None, false);
         let server = &pod(&d).containers[0];
         let ready = server.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        assert_eq!((ready.path.as_deref(), &ready.port), (Some("/ready"), &IntOrString::Int(9000)));
+        assert_eq!(
+            (ready.path.as_deref(), &ready.port),
+            (Some("/ready"), &IntOrString::Int(9000))
+        );
         let live = server.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(live.path.as_deref(), Some("/v2/health/live"));
 
         md.spec.deployments[0].model.format = None;
         md.spec.deployments[0].probes = None;
-        md.spec.deployments[0].runtime = Some(serde_json::from_value(json!({"image": "ghcr.io/acme/serve:1"})).unwrap());
+        md.spec.deployments[0].runtime =
+            Some(serde_json::from_value(json!({"image": "ghcr.io/acme/serve:1"})).unwrap());
         let d = built(&md, &pin("s3://m/"), None, false);
         let server = &pod(&d).containers[0];
         assert!(server.command.is_none() && server.args.is_none());
@@ -459,7 +501,14 @@ mod tests {
         let scaled = built(&md, &pin("s3://m/"), None, true);
         assert_eq!(scaled.spec.as_ref().unwrap().replicas, None);
         assert_ne!(spec_hash(&fixed), spec_hash(&scaled));
-        assert!(fixed.metadata.annotations.as_ref().unwrap().contains_key(SPEC_HASH_ANNOTATION));
+        assert!(
+            fixed
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(SPEC_HASH_ANNOTATION)
+        );
         // Deterministic.
         assert_eq!(built(&md, &pin("s3://m/"), None, false), fixed);
     }

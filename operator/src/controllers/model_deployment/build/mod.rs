@@ -144,7 +144,9 @@ mod tests {
 
     #[test]
     fn spec_hash_changes_when_a_field_is_removed() {
-        let md = test_support::md(serde_json::json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}}]}));
+        let md = test_support::md(
+            serde_json::json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}}]}),
+        );
         let mut svc = Service {
             metadata: metadata(&md, "resnet", labels(&md)),
             ..Default::default()

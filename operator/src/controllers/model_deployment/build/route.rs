@@ -19,8 +19,8 @@
 use super::{SERVICE_PORT, child_name, labels, metadata, with_spec_hash};
 use crate::api::model_deployment::ModelDeployment;
 use crate::controllers::model_deployment::gateway::{
-    BackendObjectReference, GROUP, HTTPBackendRef, HTTPRequestMirrorFilter, HTTPRoute, HTTPRouteFilter,
-    HTTPRouteRule, HTTPRouteSpec, HTTPRouteTimeouts, ParentReference,
+    BackendObjectReference, GROUP, HTTPBackendRef, HTTPRequestMirrorFilter, HTTPRoute, HTTPRouteFilter, HTTPRouteRule,
+    HTTPRouteSpec, HTTPRouteTimeouts, ParentReference,
 };
 use crate::controllers::model_deployment::traffic::Split;
 use crate::controllers::run::names::{MAX_DNS_LABEL_LEN, short_hash};
@@ -142,11 +142,7 @@ pub fn build(md: &ModelDeployment, settings: &RouteSettings, input: &RouteInput)
         &name,
         HTTPRouteSpec {
             parent_refs,
-            hostnames: settings
-                .domain
-                .iter()
-                .map(|d| hostname(&name, &ns, d))
-                .collect(),
+            hostnames: settings.domain.iter().map(|d| hostname(&name, &ns, d)).collect(),
             rules: vec![HTTPRouteRule {
                 backend_refs,
                 filters,
@@ -165,9 +161,11 @@ mod tests {
     use serde_json::json;
 
     fn sample() -> ModelDeployment {
-        md(json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}},
+        md(
+            json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}},
                                   {"name": "green", "model": {"uri": "s3://m/2", "format": "ONNX"}}],
-                  "traffic": {"blue": 90, "green": 10}}))
+                  "traffic": {"blue": 90, "green": 10}}),
+        )
     }
 
     #[test]

@@ -19,7 +19,9 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{HTTP_PORT_NAME, SERVICE_PORT, child_name, deployment_labels, labels, metadata, pod_selector, with_spec_hash};
+use super::{
+    HTTP_PORT_NAME, SERVICE_PORT, child_name, deployment_labels, labels, metadata, pod_selector, with_spec_hash,
+};
 use crate::api::model_deployment::ModelDeployment;
 
 fn spec(selector: std::collections::BTreeMap<String, String>) -> ServiceSpec {
@@ -74,8 +76,10 @@ mod tests {
     use serde_json::json;
 
     fn sample() -> ModelDeployment {
-        md(json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}},
-                                  {"name": "green", "model": {"uri": "s3://m/2", "format": "ONNX"}}]}))
+        md(
+            json!({"deployments": [{"name": "blue", "model": {"uri": "s3://m/1", "format": "ONNX"}},
+                                  {"name": "green", "model": {"uri": "s3://m/2", "format": "ONNX"}}]}),
+        )
     }
 
     #[test]
@@ -84,9 +88,15 @@ mod tests {
         assert_eq!(s.metadata.name.as_deref(), Some("resnet-green"));
         let spec = s.spec.unwrap();
         let sel = spec.selector.unwrap();
-        assert_eq!((sel[MODEL_DEPLOYMENT_LABEL].as_str(), sel[DEPLOYMENT_LABEL].as_str()), ("resnet", "green"));
+        assert_eq!(
+            (sel[MODEL_DEPLOYMENT_LABEL].as_str(), sel[DEPLOYMENT_LABEL].as_str()),
+            ("resnet", "green")
+        );
         let port = &spec.ports.unwrap()[0];
-        assert_eq!((port.port, &port.target_port), (80, &Some(IntOrString::String("http".into()))));
+        assert_eq!(
+            (port.port, &port.target_port),
+            (80, &Some(IntOrString::String("http".into())))
+        );
         assert_eq!(s.metadata.labels.unwrap()[DEPLOYMENT_LABEL], "green");
     }
 
@@ -95,7 +105,10 @@ mod tests {
         let md = sample();
         let s = endpoint_service(&md, "blue");
         assert_eq!(s.metadata.name.as_deref(), Some("resnet"));
-        assert_eq!(s.spec.as_ref().unwrap().selector.as_ref().unwrap()[DEPLOYMENT_LABEL], "blue");
+        assert_eq!(
+            s.spec.as_ref().unwrap().selector.as_ref().unwrap()[DEPLOYMENT_LABEL],
+            "blue"
+        );
         assert!(!s.metadata.labels.as_ref().unwrap().contains_key(DEPLOYMENT_LABEL));
         assert_ne!(endpoint_service(&md, "green"), s);
         assert_eq!(endpoint_url(&md), "http://resnet.vision.svc");

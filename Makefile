@@ -86,6 +86,7 @@ bench: cluster ## Benchmarks (release build): figures against a baseline measure
 	cargo build --release -p mlplane -p mlplane-bench
 	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/tracking
 	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/experiments
+	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/serving
 
 .PHONY: test
 test: cluster ## Start the local cluster if needed and run every test

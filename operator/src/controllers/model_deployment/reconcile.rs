@@ -184,11 +184,15 @@ async fn refresh_phase_gauge(
     }
 }
 
-/// Whether a write failed because its namespace is being deleted (its
-/// ModelDeployments go with it: nothing to retry).
+/// Whether a write failed because its namespace is being deleted, or is
+/// gone (its ModelDeployments go with it: nothing to retry).
 fn namespace_terminating(e: &Error) -> bool {
-    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 403
-        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
+    let Error::Kube(kube::Error::Api(s)) = e else {
+        return false;
+    };
+    let details = s.details.as_ref();
+    (s.code == 403 && details.is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
+        || (s.code == 404 && details.is_some_and(|d| d.kind == "namespaces"))
 }
 
 async fn reconcile_guarded(
@@ -247,9 +251,10 @@ where
     }
 }
 
-/// For each child the plan wants that the cache does not have: a GET. One
-/// that exists is either ours (remembered, so it is compared, not
-/// re-created) or someone else's (returned: `Kind/name` -> its controller).
+/// For each child the plan wants that the cache does not have: a GET (all
+/// at once). One that exists is either ours (remembered, so it is compared,
+/// not re-created) or someone else's (returned: `Kind/name` -> its
+/// controller).
 async fn check_absent<K>(
     api: &Api<K>,
     cache: &ChildCache<K>,
@@ -260,18 +265,17 @@ async fn check_absent<K>(
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
+    let absent = desired
+        .iter()
+        .filter(|d| cache.get(&d.namespace().unwrap_or_default(), &d.name_any()).is_none())
+        .map(|d| d.name_any());
+    let found = try_join_all(absent.map(|name| async move { api.get_opt(&name).await })).await?;
     let mut foreign = BTreeMap::new();
-    for d in desired {
-        let (ns, name) = (d.namespace().unwrap_or_default(), d.name_any());
-        if cache.get(&ns, &name).is_some() {
-            continue;
-        }
-        if let Some(live) = api.get_opt(&name).await? {
-            if controller_uid(&live) == Some(uid) {
-                cache.record(&live);
-            } else {
-                foreign.insert(format!("{kind}/{name}"), controller_of(&live));
-            }
+    for live in found.into_iter().flatten() {
+        if controller_uid(&live) == Some(uid) {
+            cache.record(&live);
+        } else {
+            foreign.insert(format!("{kind}/{}", live.name_any()), controller_of(&live));
         }
     }
     Ok(foreign)
@@ -447,28 +451,32 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         &now,
     );
     let c = &planned.children;
-    let mut taken = check_absent(
-        &deployments,
-        &ctx.caches.deployments,
-        &c.deployments,
-        &uid,
-        "Deployment",
-    )
-    .await?;
-    taken.extend(check_absent(&services, &ctx.caches.services, &c.services, &uid, "Service").await?);
-    taken.extend(
+    let (mut taken, svc, hpa, route) = futures::try_join!(
+        check_absent(
+            &deployments,
+            &ctx.caches.deployments,
+            &c.deployments,
+            &uid,
+            "Deployment"
+        ),
+        check_absent(&services, &ctx.caches.services, &c.services, &uid, "Service"),
         check_absent(
             &autoscalers,
             &ctx.caches.autoscalers,
             &c.autoscalers,
             &uid,
-            "HorizontalPodAutoscaler",
-        )
-        .await?,
-    );
-    if let (Some(cache), Some(route)) = (&ctx.caches.routes, &c.route) {
-        taken.extend(check_absent(&routes, cache, std::slice::from_ref(route), &uid, "HTTPRoute").await?);
-    }
+            "HorizontalPodAutoscaler"
+        ),
+        async {
+            match (&ctx.caches.routes, &c.route) {
+                (Some(cache), Some(r)) => {
+                    check_absent(&routes, cache, std::slice::from_ref(r), &uid, "HTTPRoute").await
+                }
+                _ => Ok(BTreeMap::new()),
+            }
+        },
+    )?;
+    taken.extend(svc.into_iter().chain(hpa).chain(route));
     if !taken.is_empty() {
         foreign.extend(taken);
         planned = plan(

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::build::DEPLOYMENT_LABEL;
 use super::gateway::{API_VERSION, HTTPRoute};
-use super::observe::{Caches, ChildCache, caches, controller_of, controller_uid, drive};
+use super::observe::{Caches, ChildCache, OVERLAY_TTL, caches, controller_of, controller_uid, drive};
 use super::plan::{Config, Observed, Plan, child_keys, plan};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase};
@@ -102,8 +102,8 @@ fn naming_experiment(
             })
         })
         .iter()
-        .filter_map(|g| g.0.as_ref().ok().map(|md| ObjectRef::from_obj(md).erase()))
-        .map(|r| ObjectRef::new(&r.name).within(r.namespace.as_deref().unwrap_or_default()))
+        .filter_map(|g| g.0.as_ref().ok())
+        .map(|md| ObjectRef::new(&md.name_any()).within(ns))
         .collect()
 }
 
@@ -607,5 +607,45 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     }
     ctx.reset_failures(&uid);
     let blocked = !foreign.is_empty() || planned.waiting;
-    Ok(Action::requeue(if blocked { BLOCKED_POLL } else { settings.resync }))
+    let mut requeue = if blocked { BLOCKED_POLL } else { settings.resync };
+    if !(changes.created.is_empty() && changes.updated.is_empty()) {
+        // Once the write overlay has expired, look again: a child deleted
+        // right after it was written shows only in the cache.
+        requeue = requeue.min(OVERLAY_TTL + Duration::from_secs(1));
+    }
+    Ok(Action::requeue(requeue))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, body: serde_json::Value) -> Error {
+        let mut status: kube::core::Status = serde_json::from_value(body).unwrap();
+        status.code = code;
+        Error::Kube(kube::Error::Api(Box::new(status)))
+    }
+
+    #[test]
+    fn writes_into_a_namespace_going_away_are_not_retried() {
+        let terminating = api_error(
+            403,
+            serde_json::json!({"status": "Failure", "reason": "Forbidden", "details": {
+                "name": "resnet", "kind": "services",
+                "causes": [{"reason": "NamespaceTerminating", "message": "namespace x is being terminated"}]}}),
+        );
+        assert!(namespace_terminating(&terminating));
+        let gone = api_error(
+            404,
+            serde_json::json!({"status": "Failure", "reason": "NotFound", "details": {"name": "x", "kind": "namespaces"}}),
+        );
+        assert!(namespace_terminating(&gone));
+        let forbidden = api_error(403, serde_json::json!({"status": "Failure", "reason": "Forbidden"}));
+        assert!(!namespace_terminating(&forbidden));
+        let missing = api_error(
+            404,
+            serde_json::json!({"status": "Failure", "reason": "NotFound", "details": {"name": "x", "kind": "deployments"}}),
+        );
+        assert!(!namespace_terminating(&missing));
+    }
 }

@@ -9,7 +9,8 @@
 //! The operator runs as the chart's ServiceAccount (release build via
 //! MLPLANE_BIN), on its own Lease, with the Gateway API CRDs installed (so
 //! every ModelDeployment also gets its HTTPRoute). Eight extra simulated
-//! nodes hold the 1,000 pods; they are removed at the end.
+//! nodes hold the 1,000 pods, and a ServiceCIDR the 1,000 Services (the local
+//! cluster's own range is a /24); both are removed at the end.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use anyhow::{Context, Result};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mlplane::api::ModelDeployment;
 use mlplane::controllers::model_deployment::build::deployment::{ServingInput, build};
@@ -25,10 +27,18 @@ use mlplane::controllers::model_deployment::runtime::RuntimeCatalog;
 use mlplane_test_support::*;
 use serde_json::json;
 
-const N: usize = 500;
+/// ModelDeployments (and direct Deployments); `MLPLANE_BENCH_N` overrides.
+fn n() -> usize {
+    std::env::var("MLPLANE_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500)
+}
 const CONCURRENCY: usize = 16;
 const BENCH_NODES: usize = 8;
 const NODE_LABEL: &str = "mlplane.io/bench";
+/// Room for the benchmark's Services.
+const SERVICE_CIDR: &str = "172.20.0.0/16";
 
 fn model_deployment(name: &str) -> ModelDeployment {
     serde_json::from_value(json!({
@@ -83,7 +93,7 @@ where
     F: Fn(usize) -> K,
 {
     let start = Instant::now();
-    let results: Vec<Result<K, kube::Error>> = stream::iter((0..N).map(make))
+    let results: Vec<Result<K, kube::Error>> = stream::iter((0..n()).map(make))
         .map(|obj| {
             let api = api.clone();
             async move { api.create(&PostParams::default(), &obj).await }
@@ -106,13 +116,19 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let big_n = n();
     println!(
-        "serving benchmark: {N} ModelDeployments vs {N} Deployments created directly, {CONCURRENCY} requests in flight"
+        "serving benchmark: {big_n} ModelDeployments vs {big_n} Deployments created directly, {CONCURRENCY} requests in flight"
     );
     let nodes: Api<Node> = Api::all(admin.clone());
     for i in 0..BENCH_NODES {
         let _ = nodes.create(&PostParams::default(), &bench_node(i)).await;
     }
+    let cidrs: Api<ServiceCIDR> = Api::all(admin.clone());
+    let cidr: ServiceCIDR = serde_json::from_value(json!({
+        "metadata": {"name": "bench-serving"}, "spec": {"cidrs": [SERVICE_CIDR]},
+    }))?;
+    let _ = cidrs.create(&PostParams::default(), &cidr).await;
 
     // Baseline: the same client creates the Deployments itself.
     let direct = TestNamespace::create(&admin, "bench-serving-direct").await?;
@@ -130,12 +146,12 @@ async fn main() -> Result<()> {
     let selector = ListParams::default().labels("app.kubernetes.io/managed-by=mlplane");
     loop {
         let n = deployments.list_metadata(&selector).await?.items.len();
-        if n >= N {
+        if n >= big_n {
             break;
         }
         if start.elapsed() > Duration::from_secs(900) {
             anyhow::bail!(
-                "only {n} of {N} Deployments after 900 s; operator log:\n{}",
+                "only {n} of {big_n} Deployments after 900 s; operator log:\n{}",
                 op.log_tail()
             );
         }
@@ -170,24 +186,24 @@ async fn main() -> Result<()> {
     let idle_writes = op.writes_excluding_leases()? - idle_w0;
     let idle_reconciles = op.metric("mlplane_reconcile_total", &[("kind", "ModelDeployment")])? - idle_r0;
 
-    let direct_rate = N as f64 / direct_secs;
-    let md_rate = N as f64 / md_secs;
+    let direct_rate = big_n as f64 / direct_secs;
+    let md_rate = big_n as f64 / md_secs;
     let ratio = md_rate / direct_rate;
     println!("{:<52} {:>10}", "measure", "value");
     println!(
         "{:<52} {:>10.2}",
-        format!("direct: seconds for {N} Deployments"),
+        format!("direct: seconds for {big_n} Deployments"),
         direct_secs
     );
     println!("{:<52} {:>10.1}", "direct: Deployments/s", direct_rate);
     println!(
         "{:<52} {:>10.2}",
-        format!("mlplane: seconds to create {N} ModelDeployments"),
+        format!("mlplane: seconds to create {big_n} ModelDeployments"),
         created_secs
     );
     println!(
         "{:<52} {:>10.2}",
-        format!("mlplane: seconds until all {N} Deployments exist"),
+        format!("mlplane: seconds until all {big_n} Deployments exist"),
         md_secs
     );
     println!("{:<52} {:>10.1}", "mlplane: Deployments/s", md_rate);
@@ -208,6 +224,28 @@ async fn main() -> Result<()> {
         format!("reconciles in those {idle_secs} idle s"),
         idle_reconciles
     );
+    // Where the writes went (verb resource: count), largest first.
+    let metrics = op.get("/metrics")?;
+    let mut by_resource: Vec<(String, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mlplane_kube_api_requests_total{"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let label = |k: &str| {
+                series
+                    .split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            Some((format!("{} {}", label("verb"), label("resource")), value.parse().ok()?))
+        })
+        .filter(|(k, _)| !k.ends_with(" leases"))
+        .collect();
+    by_resource.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = by_resource.iter().take(12).map(|(k, v)| format!("{k}: {v}")).collect();
+    println!("requests by verb and resource: {}", top.join(", "));
     println!(
         "rate mlplane/direct = {ratio:.2} (goal >= 0.8: {}); idle writes {idle_writes} (goal 0: {})",
         if ratio >= 0.8 { "met" } else { "NOT met" },
@@ -217,6 +255,8 @@ async fn main() -> Result<()> {
     drop(ns);
     drop(direct);
     drop(op);
+    // Removed once its Services are gone (the API server's finalizer).
+    let _ = cidrs.delete("bench-serving", &DeleteParams::default()).await;
     let _ = nodes
         .delete_collection(
             &DeleteParams::default(),

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::build::DEPLOYMENT_LABEL;
 use super::gateway::{API_VERSION, HTTPRoute};
 use super::observe::{Caches, ChildCache, OVERLAY_TTL, caches, controller_of, controller_uid, drive};
-use super::plan::{Config, Observed, Plan, child_keys, plan};
+use super::plan::{Children, Config, Observed, Plan, child_keys, plan};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase};
 use crate::controllers::apply::{apply_changed, patch_status_if_changed};
@@ -234,51 +234,115 @@ struct Changes {
     deleted: Vec<String>,
 }
 
-/// Applies `desired` over what the cache (or a GET, when the cache has
-/// nothing) shows. `Ok(Some(true))`: created; `Some(false)`: updated.
-async fn apply_child<K>(api: &Api<K>, cache: &ChildCache<K>, desired: &K) -> Result<Option<bool>>
+/// What writing one child did.
+enum Synced {
+    Unchanged,
+    Created,
+    Updated,
+    /// The name is held by an object this ModelDeployment does not control
+    /// (`Kind/name`, its controller): left alone.
+    Foreign(String, String),
+}
+
+/// Applies `desired` unless what is live already contains it. What is live
+/// comes from the cache (with this process's writes laid over); when that has
+/// nothing, from a GET: the object may be ours and not cached yet, or
+/// someone else's, which is never taken over.
+async fn sync_child<K>(api: &Api<K>, cache: &ChildCache<K>, desired: &K, uid: &str, kind: &str) -> Result<Synced>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
-    let ns = desired.namespace().unwrap_or_default();
-    let live = cache.get(&ns, &desired.name_any());
+    let name = desired.name_any();
+    let live = match cache.get(&desired.namespace().unwrap_or_default(), &name) {
+        Some(live) => Some(live),
+        None => api.get_opt(&name).await?,
+    };
+    if let Some(l) = &live
+        && controller_uid(l) != Some(uid)
+    {
+        return Ok(Synced::Foreign(format!("{kind}/{name}"), controller_of(l)));
+    }
     match apply_changed(api, live.as_ref(), desired).await? {
         Some(written) => {
             cache.record(&written);
-            Ok(Some(live.is_none()))
+            Ok(if live.is_none() {
+                Synced::Created
+            } else {
+                Synced::Updated
+            })
         }
-        None => Ok(None),
+        None => Ok(Synced::Unchanged),
     }
 }
 
-/// For each child the plan wants that the cache does not have: a GET (all
-/// at once). One that exists is either ours (remembered, so it is compared,
-/// not re-created) or someone else's (returned: `Kind/name` -> its
-/// controller).
-async fn check_absent<K>(
-    api: &Api<K>,
-    cache: &ChildCache<K>,
-    desired: &[K],
+/// The Apis of the children's kinds in one namespace.
+struct Apis {
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    autoscalers: Api<HorizontalPodAutoscaler>,
+    routes: Api<HTTPRoute>,
+}
+
+/// Writes every child that changed, all at once. Returns the names taken by
+/// others (`Kind/name` -> their controller).
+async fn sync_children(
+    ctx: &ModelDeploymentContext,
+    apis: &Apis,
+    c: &Children,
     uid: &str,
-    kind: &str,
-) -> Result<BTreeMap<String, String>>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-{
-    let absent = desired
-        .iter()
-        .filter(|d| cache.get(&d.namespace().unwrap_or_default(), &d.name_any()).is_none())
-        .map(|d| d.name_any());
-    let found = try_join_all(absent.map(|name| async move { api.get_opt(&name).await })).await?;
-    let mut foreign = BTreeMap::new();
-    for live in found.into_iter().flatten() {
-        if controller_uid(&live) == Some(uid) {
-            cache.record(&live);
-        } else {
-            foreign.insert(format!("{kind}/{}", live.name_any()), controller_of(&live));
+    changes: &mut Changes,
+) -> Result<BTreeMap<String, String>> {
+    let caches = &ctx.caches;
+    let (deployments, services, autoscalers, route) = futures::try_join!(
+        try_join_all(c.deployments.iter().map(|d| sync_child(
+            &apis.deployments,
+            &caches.deployments,
+            d,
+            uid,
+            "Deployment"
+        ))),
+        try_join_all(
+            c.services
+                .iter()
+                .map(|s| sync_child(&apis.services, &caches.services, s, uid, "Service"))
+        ),
+        try_join_all(c.autoscalers.iter().map(|a| sync_child(
+            &apis.autoscalers,
+            &caches.autoscalers,
+            a,
+            uid,
+            "HorizontalPodAutoscaler"
+        ))),
+        async {
+            match (&caches.routes, &c.route) {
+                (Some(cache), Some(r)) => sync_child(&apis.routes, cache, r, uid, "HTTPRoute").await.map(Some),
+                _ => Ok(None),
+            }
+        },
+    )?;
+    let mut taken = BTreeMap::new();
+    let named =
+        |kind: &str, objs: Vec<String>| objs.into_iter().map(move |n| format!("{kind}/{n}")).collect::<Vec<_>>();
+    let keys = named("Deployment", c.deployments.iter().map(|o| o.name_any()).collect())
+        .into_iter()
+        .chain(named("Service", c.services.iter().map(|o| o.name_any()).collect()))
+        .chain(named(
+            "HorizontalPodAutoscaler",
+            c.autoscalers.iter().map(|o| o.name_any()).collect(),
+        ))
+        .chain(named("HTTPRoute", c.route.iter().map(|o| o.name_any()).collect()));
+    let results = deployments.into_iter().chain(services).chain(autoscalers).chain(route);
+    for (key, synced) in keys.zip(results) {
+        match synced {
+            Synced::Unchanged => {}
+            Synced::Created => changes.created.push(key),
+            Synced::Updated => changes.updated.push(key),
+            Synced::Foreign(k, owner) => {
+                taken.insert(k, owner);
+            }
         }
     }
-    Ok(foreign)
+    Ok(taken)
 }
 
 /// Whose children a cleanup looks at, and which of them stay.
@@ -429,14 +493,16 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     };
     let now = Time(Timestamp::now());
 
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
-    let routes: Api<HTTPRoute> = Api::namespaced(client.clone(), &ns);
+    let apis = Apis {
+        deployments: Api::namespaced(client.clone(), &ns),
+        services: Api::namespaced(client.clone(), &ns),
+        autoscalers: Api::namespaced(client.clone(), &ns),
+        routes: Api::namespaced(client.clone(), &ns),
+    };
 
-    // Plan; children the caches do not have are looked up once (they may be
-    // ours, not cached yet, or someone else's), then planned again if some
-    // name turned out to be taken.
+    // Plan, then write every child that changed, all at once. A name that
+    // turns out to be taken (an object the caches do not show) is left
+    // alone, and the plan is made again without it.
     let mut planned: Plan = plan(
         md,
         &observe(
@@ -450,33 +516,8 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         &config,
         &now,
     );
-    let c = &planned.children;
-    let (mut taken, svc, hpa, route) = futures::try_join!(
-        check_absent(
-            &deployments,
-            &ctx.caches.deployments,
-            &c.deployments,
-            &uid,
-            "Deployment"
-        ),
-        check_absent(&services, &ctx.caches.services, &c.services, &uid, "Service"),
-        check_absent(
-            &autoscalers,
-            &ctx.caches.autoscalers,
-            &c.autoscalers,
-            &uid,
-            "HorizontalPodAutoscaler"
-        ),
-        async {
-            match (&ctx.caches.routes, &c.route) {
-                (Some(cache), Some(r)) => {
-                    check_absent(&routes, cache, std::slice::from_ref(r), &uid, "HTTPRoute").await
-                }
-                _ => Ok(BTreeMap::new()),
-            }
-        },
-    )?;
-    taken.extend(svc.into_iter().chain(hpa).chain(route));
+    let mut changes = Changes::default();
+    let taken = sync_children(ctx, &apis, &planned.children, &uid, &mut changes).await?;
     if !taken.is_empty() {
         foreign.extend(taken);
         planned = plan(
@@ -492,54 +533,9 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
             &config,
             &now,
         );
+        sync_children(ctx, &apis, &planned.children, &uid, &mut changes).await?;
     }
-
-    // Apply: serving Deployments first (they take longest to become
-    // Available), then the rest.
-    let mut changes = Changes::default();
     let c = &planned.children;
-    let record = |changes: &mut Changes, kind: &str, objs: &[String], results: Vec<Option<bool>>| {
-        for (n, r) in objs.iter().zip(results) {
-            match r {
-                Some(true) => changes.created.push(format!("{kind}/{n}")),
-                Some(false) => changes.updated.push(format!("{kind}/{n}")),
-                None => {}
-            }
-        }
-    };
-    let results = try_join_all(
-        c.deployments
-            .iter()
-            .map(|d| apply_child(&deployments, &ctx.caches.deployments, d)),
-    )
-    .await?;
-    let dep_names: Vec<String> = c.deployments.iter().map(|d| d.name_any()).collect();
-    record(&mut changes, "Deployment", &dep_names, results);
-    let svc_names: Vec<String> = c.services.iter().map(|s| s.name_any()).collect();
-    let hpa_names: Vec<String> = c.autoscalers.iter().map(|s| s.name_any()).collect();
-    let (svc_results, hpa_results, route_result) = futures::try_join!(
-        try_join_all(
-            c.services
-                .iter()
-                .map(|s| apply_child(&services, &ctx.caches.services, s))
-        ),
-        try_join_all(
-            c.autoscalers
-                .iter()
-                .map(|a| apply_child(&autoscalers, &ctx.caches.autoscalers, a))
-        ),
-        async {
-            match (&ctx.caches.routes, &c.route) {
-                (Some(cache), Some(route)) => apply_child(&routes, cache, route).await,
-                _ => Ok(None),
-            }
-        },
-    )?;
-    record(&mut changes, "Service", &svc_names, svc_results);
-    record(&mut changes, "HorizontalPodAutoscaler", &hpa_names, hpa_results);
-    if let Some(route) = &c.route {
-        record(&mut changes, "HTTPRoute", &[route.name_any()], vec![route_result]);
-    }
 
     // Orphans: children of deployments gone from the spec, autoscalers of
     // deployments no longer autoscaled.
@@ -549,36 +545,30 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         held: &planned.held,
     };
     let ch = &mut changes;
+    let keep = names(&c.deployments);
     orphans
-        .delete(
-            &deployments,
-            &ctx.caches.deployments,
-            &names(&c.deployments),
-            "Deployment",
-            ch,
-        )
+        .delete(&apis.deployments, &ctx.caches.deployments, &keep, "Deployment", ch)
         .await?;
+    let keep = names(&c.services);
     orphans
-        .delete(&services, &ctx.caches.services, &names(&c.services), "Service", ch)
+        .delete(&apis.services, &ctx.caches.services, &keep, "Service", ch)
         .await?;
-    let hpa_keep = names(&c.autoscalers);
+    let keep = names(&c.autoscalers);
+    let kind = "HorizontalPodAutoscaler";
     orphans
-        .delete(
-            &autoscalers,
-            &ctx.caches.autoscalers,
-            &hpa_keep,
-            "HorizontalPodAutoscaler",
-            ch,
-        )
+        .delete(&apis.autoscalers, &ctx.caches.autoscalers, &keep, kind, ch)
         .await?;
     if let Some(cache) = &ctx.caches.routes {
         let keep = c.route.iter().map(|r| r.name_any()).collect();
-        orphans.delete(&routes, cache, &keep, "HTTPRoute", ch).await?;
+        orphans.delete(&apis.routes, cache, &keep, "HTTPRoute", ch).await?;
     }
 
     // Status, then events.
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
     patch_status_if_changed(&mds, &name, md.status.as_ref(), &planned.status).await?;
+    // Events go out on their own task: recording them must not hold up the
+    // next reconcile.
+    let mut events: Vec<(EventType, &'static str, String)> = vec![];
     for (reason, list) in [
         ("Created", &changes.created),
         ("Updated", &changes.updated),
@@ -586,8 +576,7 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     ] {
         if !list.is_empty() {
             let note = format!("{} {}", reason.to_lowercase(), list.join(", "));
-            ctx.distinct_event(md, EventType::Normal, reason, "Reconcile", note)
-                .await;
+            events.push((EventType::Normal, reason, note));
         }
     }
     if planned.shifted.is_some() {
@@ -602,8 +591,15 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         } else {
             EventType::Normal
         };
-        ctx.distinct_event(md, type_, e.reason, "Reconcile", e.message.clone())
-            .await;
+        events.push((type_, e.reason, e.message.clone()));
+    }
+    if !events.is_empty() {
+        let (base, obj) = (ctx.base.clone(), md.clone());
+        tokio::spawn(async move {
+            for (type_, reason, note) in events {
+                base.distinct_event(&obj, type_, reason, "Reconcile", note).await;
+            }
+        });
     }
     ctx.reset_failures(&uid);
     let blocked = !foreign.is_empty() || planned.waiting;

@@ -1043,3 +1043,38 @@ pub async fn workspace_run_token(admin: &Client, ns: &str) -> Result<String> {
 pub fn audited_writes_in(user: &str, namespace: &str, since: k8s_openapi::jiff::Timestamp) -> Result<Vec<String>> {
     audit_log_writes(user, Some(namespace), since)
 }
+
+/// Runs `f` to completion on a runtime of its own, on a thread of its own
+/// (for fixtures built once in a `OnceLock`, whatever runtime asked first).
+pub fn block_on_thread<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(f)
+    })
+    .join()
+    .map_err(|_| anyhow!("fixture thread panicked"))?
+}
+
+impl Operator {
+    /// Waits until this operator's writes (Lease renewals aside) have not
+    /// changed for `quiet`, or `max` has passed; returns whether they settled.
+    pub async fn wait_writes_settle(&self, quiet: Duration, max: Duration) -> Result<bool> {
+        let start = tokio::time::Instant::now();
+        let mut last = self.writes_excluding_leases()?;
+        let mut stable_since = tokio::time::Instant::now();
+        while stable_since.elapsed() < quiet {
+            if start.elapsed() > max {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let w = self.writes_excluding_leases()?;
+            if w != last {
+                last = w;
+                stable_since = tokio::time::Instant::now();
+            }
+        }
+        Ok(true)
+    }
+}

@@ -79,17 +79,7 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "recording event failed");
-        }
+        self.publish(&self.recorder, obj, type_, reason, action, note).await;
     }
 
     /// Like [`Context::event`], but always a new Event. kube's `Recorder`
@@ -105,6 +95,19 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        self.publish(&recorder, obj, type_, reason, action, note).await;
+    }
+
+    async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        recorder: &Recorder,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
         let ev = Event {
             type_,
@@ -113,7 +116,6 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "recording event failed");
         }
@@ -184,6 +186,24 @@ where
         .touched_objects()
         .boxed();
     (reader, stream)
+}
+
+/// A boxed stream of the objects a watch touched.
+pub type Touched<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
+
+/// Polls a cache-filling stream until `stop` fires (errors are retried by
+/// the watcher's backoff and only logged).
+pub async fn drive<K>(mut stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            item = stream.next() => match item {
+                None => return,
+                Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
+                Some(Ok(_)) => {}
+            },
+        }
+    }
 }
 
 /// Shared error policy: count the error by category, log it, and requeue the

@@ -84,17 +84,9 @@ pub struct HTTPRouteRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPBackendRef {
-    /// `""` (core) for a Service.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// `Service`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    /// Service name.
-    pub name: String,
-    /// Service port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<i32>,
+    /// The backend.
+    #[serde(flatten)]
+    pub backend: BackendObjectReference,
     /// Share of the rule's requests, relative to the other backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i32>,

@@ -13,11 +13,10 @@
 //! that hash, the API server's answer stands in for the cached object. An
 //! entry goes once the cache has caught up, or after [`OVERLAY_TTL`].
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
@@ -31,12 +30,10 @@ use serde::de::DeserializeOwned;
 use super::build::{MODEL_DEPLOYMENT_LABEL, spec_hash};
 use super::gateway::HTTPRoute;
 use crate::api::{ComputeCluster, Experiment, Workspace};
-use crate::controllers::watch_config;
+use crate::controllers::{Touched, watch_config};
 
 /// How long a write stands in for a cache that has not shown it.
 pub const OVERLAY_TTL: Duration = Duration::from_secs(60);
-
-type Touched<K> = Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
 
 /// A child's cache with this process's writes laid over it.
 pub struct ChildCache<K: Lookup<DynamicType = ()> + Clone + 'static> {
@@ -256,21 +253,6 @@ impl Caches {
     /// Whether the ComputeCluster exists.
     pub fn cluster_exists(&self, name: &str) -> bool {
         self.clusters.get(&ObjectRef::new(name)).is_some()
-    }
-}
-
-/// Polls a cache-filling stream until `stop` fires (errors are retried by
-/// the watcher's backoff and only logged).
-pub async fn drive<K>(mut stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            item = stream.next() => match item {
-                None => return,
-                Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
-                Some(Ok(_)) => {}
-            },
-        }
     }
 }
 

@@ -39,12 +39,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::build::DEPLOYMENT_LABEL;
 use super::gateway::{API_VERSION, HTTPRoute};
-use super::observe::{Caches, ChildCache, OVERLAY_TTL, caches, controller_of, controller_uid, drive};
+use super::observe::{Caches, ChildCache, OVERLAY_TTL, caches, controller_of, controller_uid};
 use super::plan::{Children, Config, Observed, Plan, child_keys, plan};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase};
 use crate::controllers::apply::{apply_changed, patch_status_if_changed};
-use crate::controllers::{Context, Error, Result, error_policy, guarded_watch, watch_config};
+use crate::controllers::{Context, Error, Result, drive, error_policy, guarded_watch, watch_config};
 
 const KIND: &str = "ModelDeployment";
 /// Requeue while waiting for something the spec names (a run, a
@@ -503,36 +503,23 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     // Plan, then write every child that changed, all at once. A name that
     // turns out to be taken (an object the caches do not show) is left
     // alone, and the plan is made again without it.
-    let mut planned: Plan = plan(
-        md,
-        &observe(
+    let plan_with = |foreign: &BTreeMap<String, String>| {
+        let observed = observe(
             md,
             ctx,
             &live_deployments,
             &experiments,
             workspace.as_deref(),
             foreign.clone(),
-        ),
-        &config,
-        &now,
-    );
+        );
+        plan(md, &observed, &config, &now)
+    };
+    let mut planned: Plan = plan_with(&foreign);
     let mut changes = Changes::default();
     let taken = sync_children(ctx, &apis, &planned.children, &uid, &mut changes).await?;
     if !taken.is_empty() {
         foreign.extend(taken);
-        planned = plan(
-            md,
-            &observe(
-                md,
-                ctx,
-                &live_deployments,
-                &experiments,
-                workspace.as_deref(),
-                foreign.clone(),
-            ),
-            &config,
-            &now,
-        );
+        planned = plan_with(&foreign);
         sync_children(ctx, &apis, &planned.children, &uid, &mut changes).await?;
     }
     let c = &planned.children;

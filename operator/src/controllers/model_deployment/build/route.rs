@@ -112,15 +112,9 @@ pub fn build(md: &ModelDeployment, settings: &RouteSettings, input: &RouteInput)
     let backend_refs = input
         .backends
         .iter()
-        .map(|(d, weight)| {
-            let r = service_ref(&name, d);
-            HTTPBackendRef {
-                group: r.group,
-                kind: r.kind,
-                name: r.name,
-                port: r.port,
-                weight: Some(*weight),
-            }
+        .map(|(d, weight)| HTTPBackendRef {
+            backend: service_ref(&name, d),
+            weight: Some(*weight),
         })
         .collect();
     let filters = input

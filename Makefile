@@ -88,6 +88,7 @@ bench: cluster ## Benchmarks (release build): figures against a baseline measure
 	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/experiments
 	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/compute
 	target/release/data
+	MLPLANE_BIN=$(ROOT)/target/release/mlplane target/release/serving
 
 .PHONY: test
 test: cluster ## Start the local cluster if needed and run every test

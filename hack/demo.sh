@@ -8,6 +8,9 @@ cd "$root"
 export KUBECONFIG=$root/.cluster/kubeconfig
 export PATH=${MLPLANE_BIN_CACHE:-$HOME/.cache/mlplane/bin}/current:$PATH
 tests/cluster/up.sh
+# Gateway API CRDs, so the example ModelDeployment's traffic split is routed
+# (the operator looks for them when it starts).
+kubectl apply --server-side -f "$(tests/cluster/gateway-api.sh)" >/dev/null
 if [[ -f .cluster/operator.pid ]] && kill -0 "$(cat .cluster/operator.pid)" 2>/dev/null; then
   echo "operator already running (pid $(cat .cluster/operator.pid))"
 else

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers and the HTTP endpoints.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the MLflow-compatible tracking server on its own (local use).
     Tracking(TrackingArgs),
     /// Copy one object, or every object under a prefix, into a directory
@@ -85,7 +85,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             telemetry::init(cli.log_format);
-            mlplane::operator::run(args).await
+            mlplane::operator::run(*args).await
         }
     }
 }

@@ -11,6 +11,9 @@ use anyhow::{Context as _, bail};
 use kube::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
+use crate::controllers::model_deployment::ServingSettings;
+use crate::controllers::model_deployment::build::route::{GatewayRef, RouteSettings};
+use crate::controllers::model_deployment::runtime::RuntimeCatalog;
 use crate::controllers::run::environment::Catalog;
 use crate::controllers::{self, Context, Settings};
 use crate::runtime::client::counted_client;
@@ -79,6 +82,28 @@ pub struct RunArgs {
     /// default: the built-in catalog.
     #[arg(long, env = "MLPLANE_ENVIRONMENT_CATALOG")]
     pub environment_catalog: Option<std::path::PathBuf>,
+    /// YAML file of serving runtimes by model format (`runtimes: {ONNX:
+    /// {image, command, args, port, ...}}`); default: the built-in catalog.
+    #[arg(long, env = "MLPLANE_RUNTIME_CATALOG")]
+    pub runtime_catalog: Option<std::path::PathBuf>,
+    /// Route ModelDeployment traffic through Gateway API HTTPRoutes when the
+    /// API server serves them (checked at start); false: never (a split
+    /// other than all-to-one deployment is then refused).
+    #[arg(long, env = "MLPLANE_GATEWAY_API", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gateway_api: bool,
+    /// The Gateway (`<namespace>/<name>`) that ModelDeployment HTTPRoutes
+    /// attach to; without it they only name their endpoint Service (GAMMA).
+    #[arg(long, env = "MLPLANE_GATEWAY")]
+    pub gateway: Option<GatewayRef>,
+    /// Domain of ModelDeployment host names on the Gateway:
+    /// `<name>-<namespace>.<domain>`.
+    #[arg(long, env = "MLPLANE_GATEWAY_DOMAIN")]
+    pub gateway_domain: Option<String>,
+    /// Seconds a serving rollout may go without progress before it is
+    /// reported `RolloutStalled` (Deployment `progressDeadlineSeconds`).
+    #[arg(long, env = "MLPLANE_ROLLOUT_DEADLINE_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub rollout_deadline_seconds: i32,
 }
 
 const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -95,6 +120,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Catalog::from_yaml(&text).with_context(|| format!("environment catalog {}", path.display()))?
         }
         None => Catalog::builtin(),
+    };
+    let runtimes = match &args.runtime_catalog {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            RuntimeCatalog::from_yaml(&text).with_context(|| format!("runtime catalog {}", path.display()))?
+        }
+        None => RuntimeCatalog::builtin(),
     };
     let tracking = args.tracking_url.as_ref().map(|url| {
         let token = match &args.tracking_token_file {
@@ -160,6 +192,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracking,
         catalog,
         image: args.image.clone(),
+        runtimes,
+        serving: ServingSettings {
+            gateway_api: args.gateway_api,
+            routes: RouteSettings {
+                gateway: args.gateway.clone(),
+                domain: args.gateway_domain.clone(),
+            },
+            progress_deadline_seconds: args.rollout_deadline_seconds,
+        },
     };
     let ctx = Context::new(client.clone(), metrics.clone(), settings, identity);
     let controllers = tokio::spawn(controllers::run_all(ctx, stop.clone()));

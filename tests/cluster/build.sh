@@ -65,6 +65,8 @@ for kv in "Version=$minio_date" "ReleaseTag=RELEASE.${minio_date//:/-}" "CommitI
   minio_ldflags+=" -X github.com/minio/minio/cmd.$kv"
 done
 build minio "$cache/minio-$MINIO_VERSION/minio" github.com/minio/minio "$minio_ldflags"
+# Gateway API CRDs for the ModelDeployment tests (fetched, not built).
+"$here/gateway-api.sh" >/dev/null
 
 # One directory of links, so callers put a single entry on PATH.
 bin=$cache/current

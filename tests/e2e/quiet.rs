@@ -85,7 +85,30 @@ async fn converged_operator_writes_nothing_while_idle() -> Result<()> {
         })
         .await?;
     }
-    // Let the last status writes and their watch events settle.
+    // Objects that earlier test binaries deleted are this operator's work
+    // too (their finalizers): wait until that cleanup is over, then let the
+    // last status writes and their watch events settle.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let deleting = api
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .filter(|w| w.metadata.deletion_timestamp.is_some())
+            .count()
+            + ccs
+                .list(&Default::default())
+                .await?
+                .items
+                .iter()
+                .filter(|c| c.metadata.deletion_timestamp.is_some())
+                .count();
+        if deleting == 0 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let since = k8s_openapi::jiff::Timestamp::now();
     let before = op.writes_excluding_leases()?;

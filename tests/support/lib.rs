@@ -806,6 +806,10 @@ fn spawner() -> &'static Spawner {
 /// `since`, by "verb resource", Lease writes excluded. The audit policy of the
 /// local cluster logs every write at Metadata level.
 pub fn audited_writes(user: &str, since: k8s_openapi::jiff::Timestamp) -> Result<Vec<String>> {
+    audit_log_writes(user, None, since)
+}
+
+fn audit_log_writes(user: &str, namespace: Option<&str>, since: k8s_openapi::jiff::Timestamp) -> Result<Vec<String>> {
     let path = repo_root().join(".cluster/kwok/clusters/mlplane/logs/audit.log");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = vec![];
@@ -814,6 +818,9 @@ pub fn audited_writes(user: &str, since: k8s_openapi::jiff::Timestamp) -> Result
             continue;
         };
         if ev["user"]["username"] != user || ev["stage"] != "ResponseComplete" {
+            continue;
+        }
+        if namespace.is_some_and(|ns| ev["objectRef"]["namespace"] != ns) {
             continue;
         }
         let ts: k8s_openapi::jiff::Timestamp = match ev["requestReceivedTimestamp"].as_str().map(str::parse) {
@@ -1158,8 +1165,65 @@ impl Drop for HttpFileServer {
     }
 }
 
-/// Runs `f` to completion on a runtime of its own thread (for fixtures
-/// started from `OnceLock::get_or_init`, outside any test's runtime).
+/// Installs the Gateway API CRDs (standard channel, at the version pinned in
+/// tests/cluster/versions.env, fetched by tests/cluster/gateway-api.sh), once
+/// per test process. The cluster is shared by every test binary: they are
+/// never uninstalled.
+pub fn install_gateway_api_crds() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = run_cmd(&mut std::process::Command::new(
+            repo_root().join("tests/cluster/gateway-api.sh"),
+        ))
+        .map_err(|e| format!("{e:#}"))?;
+        let dir = dir.trim();
+        kubectl(&["apply", "--server-side", "--force-conflicts", "-f", dir])
+            .and_then(|_| kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "-f", dir]))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// A tracking server with authentication on, itself authenticating as the
+/// chart's `mlplane-tracking` ServiceAccount, with a fresh SQLite database
+/// and artifact directory under .cluster/ (`prefix` names them).
+pub async fn authenticated_tracking_server(admin: &Client, prefix: &str) -> Result<TrackingServer> {
+    install_chart()?;
+    let kc = service_account_kubeconfig(admin, OPERATOR_NAMESPACE, "mlplane-tracking").await?;
+    let dir = repo_root().join(format!(".cluster/{prefix}-tracking-{}", random_suffix()));
+    std::fs::create_dir_all(&dir)?;
+    TrackingServer::start(
+        &format!("sqlite://{}?mode=rwc", dir.join("t.db").display()),
+        &dir.join("artifacts"),
+        Some(&kc),
+    )
+    .await
+}
+
+/// The token of a Workspace's run ServiceAccount (`mlplane-run-token`), once
+/// Kubernetes has filled it: what run pods send to the tracking server.
+pub async fn workspace_run_token(admin: &Client, ns: &str) -> Result<String> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), ns);
+    let secret = wait_for(
+        &secrets,
+        "mlplane-run-token",
+        Duration::from_secs(30),
+        "run token filled",
+        |s| s.data.as_ref().is_some_and(|d| d.contains_key("token")),
+    )
+    .await?;
+    Ok(String::from_utf8(secret.data.unwrap_or_default()["token"].0.clone())?)
+}
+
+/// Like [`audited_writes`], only of objects in `namespace`.
+pub fn audited_writes_in(user: &str, namespace: &str, since: k8s_openapi::jiff::Timestamp) -> Result<Vec<String>> {
+    audit_log_writes(user, Some(namespace), since)
+}
+
+/// Runs `f` to completion on a runtime of its own, on a thread of its own
+/// (for fixtures built once in a `OnceLock`, whatever runtime asked first).
 pub fn block_on_thread<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
@@ -1281,4 +1345,25 @@ pub async fn s3_workspace(admin: &Client, s3: &S3Server, bucket: &str, prefix: &
         .create(&PostParams::default(), &s3.secret("s3", S3_SECRET_KEY))
         .await?;
     Ok(guard)
+}
+impl Operator {
+    /// Waits until this operator's writes (Lease renewals aside) have not
+    /// changed for `quiet`, or `max` has passed; returns whether they settled.
+    pub async fn wait_writes_settle(&self, quiet: Duration, max: Duration) -> Result<bool> {
+        let start = tokio::time::Instant::now();
+        let mut last = self.writes_excluding_leases()?;
+        let mut stable_since = tokio::time::Instant::now();
+        while stable_since.elapsed() < quiet {
+            if start.elapsed() > max {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let w = self.writes_excluding_leases()?;
+            if w != last {
+                last = w;
+                stable_since = tokio::time::Instant::now();
+            }
+        }
+        Ok(true)
+    }
 }

@@ -12,7 +12,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, Duration, ResourceRequests, URI_MAX_LENGTH, URI_PATTERN,
+    DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, Duration, PodMetadata, ResourceRequests, URI_MAX_LENGTH, URI_PATTERN,
 };
 
 /// An endpoint serving one or more deployments of a model.
@@ -30,7 +30,10 @@ use super::shared::{
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new(
+        "size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+    ).message("metadata.name names the endpoint Service and must be a DNS-1035 label (at most 63 of a-z, 0-9, '-', starting with a letter)"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -112,6 +115,9 @@ pub struct ServingDeployment {
     /// HTTP probes of the serving container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<Probes>,
+    /// Labels and annotations added to this deployment's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
 }
 
 /// Where a model comes from: a URI (`{uri, format}`) or an Experiment run's
@@ -176,9 +182,11 @@ pub struct Scale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub instance_count: Option<i32>,
-    /// Autoscaling lower bound (default 1).
+    /// Autoscaling lower bound (default 1). At least 1: a
+    /// HorizontalPodAutoscaler cannot scale to zero (alpha feature gate
+    /// HPAScaleToZero); `instanceCount: 0` stops a deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 1, max = 1000))]
     pub min_instances: Option<i32>,
     /// Autoscaling upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,12 +248,9 @@ pub struct ModelDeploymentStatus {
     /// In-cluster URL, `http://<name>.<namespace>.svc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Per-deployment state.
+    /// Per-deployment state, in the order of `spec.deployments`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deployments: Vec<DeploymentStatus>,
-    /// The split actually applied (deployment -> percent), after defaults.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub effective_traffic: BTreeMap<String, i32>,
     /// Conditions, merged by type (`Ready`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -255,17 +260,34 @@ pub struct ModelDeploymentStatus {
 /// Phase of a ModelDeployment.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ModelDeploymentPhase {
-    /// Not reconciled yet.
+    /// Not reconciled yet, or waiting for what the spec names.
     #[default]
     Pending,
-    /// Rolling out.
+    /// Rolling out: some deployment is not Available yet, or the effective
+    /// traffic split is not yet the desired one.
     Updating,
-    /// Every deployment ready.
+    /// Every deployment Available and serving the desired split.
     Ready,
-    /// Some replicas not ready.
+    /// Serving, but some replicas are not ready or a rollout stalled.
     Degraded,
-    /// Cannot be reconciled (see conditions).
+    /// Cannot be reconciled as specified (see conditions).
     Failed,
+}
+
+impl ModelDeploymentPhase {
+    /// Every phase, for metrics.
+    pub const ALL: [Self; 5] = [Self::Pending, Self::Updating, Self::Ready, Self::Degraded, Self::Failed];
+
+    /// The name written to `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Updating => "Updating",
+            Self::Ready => "Ready",
+            Self::Degraded => "Degraded",
+            Self::Failed => "Failed",
+        }
+    }
 }
 
 /// Observed state of one deployment.
@@ -274,15 +296,52 @@ pub enum ModelDeploymentPhase {
 pub struct DeploymentStatus {
     /// Deployment name.
     pub name: String,
-    /// Replicas.
+    /// Replicas (as the Deployment, or its autoscaler, asks for).
     #[serde(default)]
     pub replicas: i32,
     /// Ready replicas.
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Percent of live traffic routed to it.
+    /// Percent of live traffic the spec asks for.
     #[serde(default)]
     pub traffic: i32,
+    /// Percent of live traffic actually routed to it: the desired split once
+    /// every deployment it names is Available, until then the previous one.
+    #[serde(default)]
+    pub effective_traffic: i32,
+    /// Percent of live traffic actually mirrored to it (omitted when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mirror_traffic: i32,
+    /// The model served, as resolved and pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PinnedModel>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// A model as resolved for a deployment. A model taken from an Experiment is
+/// resolved once and kept: a later best run does not change a serving
+/// deployment until its `model` (or the annotation `mlplane.io/resolve`)
+/// changes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedModel {
+    /// The location fetched into the serving pods.
+    pub uri: String,
+    /// The Experiment it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// The run (its name) it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// The run output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Hash of the `model` spec (and `mlplane.io/resolve` annotation) it was
+    /// resolved from: when that changes, the model is resolved again.
+    pub source_hash: String,
 }
 
 #[cfg(test)]
@@ -338,6 +397,19 @@ mod tests {
             typed.spec.deployments[2].scale.as_ref().unwrap().instance_count,
             Some(1)
         );
+    }
+
+    #[test]
+    fn name_is_a_service_name() {
+        for bad in ["1resnet", "team.resnet", &"a".repeat(64)] {
+            let md = set(valid(), "/metadata/name", json!(bad));
+            assert_invalid(
+                &crd(),
+                &md,
+                "metadata.name names the endpoint Service and must be a DNS-1035 label",
+            );
+        }
+        assert_valid(&crd(), &set(valid(), "/metadata/name", json!("resnet-50")));
     }
 
     #[test]
@@ -463,5 +535,6 @@ mod tests {
         assert_eq!(spec["mirrorTraffic"]["additionalProperties"]["maximum"], json!(50.0));
         let scale = &spec["deployments"]["items"]["properties"]["scale"]["properties"];
         assert_eq!(scale["targetUtilization"]["maximum"], json!(100.0));
+        assert_eq!(scale["minInstances"]["minimum"], json!(1.0));
     }
 }

@@ -40,16 +40,24 @@ pub async fn apply_if_changed<K>(api: &Api<K>, live: Option<&K>, desired: &K) ->
 where
     K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
 {
+    Ok(apply_changed(api, live, desired).await?.is_some())
+}
+
+/// Like [`apply_if_changed`], returning the object the API server answered
+/// with when a write was made.
+pub async fn apply_changed<K>(api: &Api<K>, live: Option<&K>, desired: &K) -> kube::Result<Option<K>>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+{
     if let Some(live) = live {
         let l = serde_json::to_value(live).map_err(kube::Error::SerdeError)?;
         let d = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
         if contains(&l, &d) {
-            return Ok(false);
+            return Ok(None);
         }
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&desired.name_any(), &pp, &Patch::Apply(desired)).await?;
-    Ok(true)
+    Ok(Some(api.patch(&desired.name_any(), &pp, &Patch::Apply(desired)).await?))
 }
 
 /// Patches the status subresource with `status` (server-side apply) when it

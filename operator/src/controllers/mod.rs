@@ -7,6 +7,7 @@ pub mod apply;
 pub mod compute_cluster;
 pub mod data_asset;
 pub mod experiment;
+pub mod model_deployment;
 pub mod pinning;
 pub mod pipeline;
 pub mod run;
@@ -43,6 +44,10 @@ pub struct Settings {
     pub catalog: run::environment::Catalog,
     /// The operator's image (init containers run its `fetch` subcommand).
     pub image: String,
+    /// Serving runtimes by model format (ModelDeployments).
+    pub runtimes: model_deployment::runtime::RuntimeCatalog,
+    /// ModelDeployment serving settings (Gateway API, rollout deadline).
+    pub serving: model_deployment::ServingSettings,
 }
 
 /// State shared by all reconciles.
@@ -52,7 +57,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
-    events: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
+    events: tokio::sync::mpsc::Sender<QueuedEvent>,
 }
 
 /// Events waiting to be published (see [`Context::event`]).
@@ -66,11 +71,16 @@ impl Context {
             controller: "mlplane".into(),
             instance: Some(instance),
         };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder = Recorder::new(client.clone(), reporter.clone());
         let (events, queue) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
         for _ in 0..EVENT_PUBLISHERS {
-            tokio::spawn(publish_events(recorder.clone(), queue.clone()));
+            tokio::spawn(publish_events(
+                client.clone(),
+                reporter.clone(),
+                recorder.clone(),
+                queue.clone(),
+            ));
         }
         Arc::new(Self {
             recorder,
@@ -94,7 +104,23 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        self.event_related(obj, type_, reason, action, note, None).await
+        self.queue_event(obj, type_, reason, action, note, None, false).await
+    }
+
+    /// Like [`Context::event`], but always a new Event. kube's `Recorder`
+    /// folds every event with the same reason and action on an object into
+    /// one series (within its cache TTL) and keeps the *first* note, so two
+    /// different decisions of one kind (traffic shifted to 90/10, later to
+    /// 0/100) would show only the first. For decisions recorded once each.
+    pub async fn distinct_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.queue_event(obj, type_, reason, action, note, None, true).await
     }
 
     /// [`Context::event`] with a related object (e.g. the Job of a pipeline
@@ -107,7 +133,21 @@ impl Context {
         reason: &str,
         action: &str,
         note: String,
-        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+        related: Option<ObjectReference>,
+    ) {
+        self.queue_event(obj, type_, reason, action, note, related, false).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn queue_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<ObjectReference>,
+        distinct: bool,
     ) {
         self.metrics.events.with_label_values(&[&K::kind(&()), reason]).inc();
         let ev = Event {
@@ -117,7 +157,12 @@ impl Context {
             action: action.into(),
             secondary: related,
         };
-        if self.events.send((ev, obj.object_ref(&()))).await.is_err() {
+        let queued = QueuedEvent {
+            event: ev,
+            reference: obj.object_ref(&()),
+            distinct,
+        };
+        if self.events.send(queued).await.is_err() {
             tracing::warn!(reason, "event publishers stopped; event dropped");
         }
     }
@@ -136,17 +181,34 @@ impl Context {
     }
 }
 
+/// An event waiting to be published.
+struct QueuedEvent {
+    event: Event,
+    reference: ObjectReference,
+    /// Published by a fresh recorder: a new Event, never folded into a series.
+    distinct: bool,
+}
+
 /// Publishes queued events until the queue's sender (the Context) is dropped.
 async fn publish_events(
+    client: Client,
+    reporter: Reporter,
     recorder: Recorder,
-    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(Event, ObjectReference)>>>,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<QueuedEvent>>>,
 ) {
     loop {
-        let Some((ev, reference)) = queue.lock().await.recv().await else {
+        let Some(q) = queue.lock().await.recv().await else {
             return;
         };
-        if let Err(e) = recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, reason = %ev.reason, "recording event failed");
+        let result = if q.distinct {
+            Recorder::new(client.clone(), reporter.clone())
+                .publish(&q.event, &q.reference)
+                .await
+        } else {
+            recorder.publish(&q.event, &q.reference).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, reason = %q.event.reason, "recording event failed");
         }
     }
 }
@@ -202,6 +264,24 @@ where
         .touched_objects()
         .boxed();
     (reader, stream)
+}
+
+/// A boxed stream of the objects a watch touched.
+pub type Touched<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
+
+/// Polls a cache-filling stream until `stop` fires (errors are retried by
+/// the watcher's backoff and only logged).
+pub async fn drive<K>(mut stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            item = stream.next() => match item {
+                None => return,
+                Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
+                Some(Ok(_)) => {}
+            },
+        }
+    }
 }
 
 /// Shared error policy: count the error by category, log it, and requeue the
@@ -270,5 +350,6 @@ pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToke
         compute_cluster::run(ctx.clone(), stop.clone()),
         data_asset::run(ctx.clone(), stop.clone()),
         pipeline::run(ctx.clone(), stop.clone()),
+        model_deployment::run(ctx.clone(), stop.clone()),
     );
 }

@@ -60,6 +60,10 @@ pub struct Metrics {
     /// (a cache hit skipped the Job), `succeeded`, `failed`, `skipped`
     /// (never run: an upstream step failed or the run stopped).
     pub pipeline_steps: IntCounterVec,
+    /// Changes of a ModelDeployment's effective traffic split (or mirror).
+    pub traffic_shifts: IntCounter,
+    /// Serving rollouts that exceeded their progress deadline.
+    pub rollouts_stalled: IntCounter,
 }
 
 impl Default for Metrics {
@@ -212,6 +216,16 @@ impl Metrics {
             &["outcome"],
         )
         .unwrap();
+        let traffic_shifts = IntCounter::new(
+            "mlplane_model_traffic_shifts_total",
+            "Changes of a ModelDeployment's effective traffic split or mirror",
+        )
+        .unwrap();
+        let rollouts_stalled = IntCounter::new(
+            "mlplane_model_rollouts_stalled_total",
+            "Serving rollouts that exceeded their progress deadline",
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -234,6 +248,8 @@ impl Metrics {
             Box::new(data_refreshes.clone()),
             Box::new(data_refresh_duration.clone()),
             Box::new(pipeline_steps.clone()),
+            Box::new(traffic_shifts.clone()),
+            Box::new(rollouts_stalled.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -260,6 +276,8 @@ impl Metrics {
             data_refreshes,
             data_refresh_duration,
             pipeline_steps,
+            traffic_shifts,
+            rollouts_stalled,
         }
     }
 

@@ -229,20 +229,7 @@ pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) 
     )
 }
 
-/// Polls a cache-filling stream until `stop` fires (errors are retried by
-/// the watcher's backoff and only logged).
-pub async fn drive<K>(mut stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            item = stream.next() => match item {
-                None => return,
-                Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-}
+pub use crate::controllers::drive;
 
 impl Caches {
     /// Resolves once every cache has done its first list (before that, a

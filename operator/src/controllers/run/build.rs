@@ -405,11 +405,14 @@ fn container_env(spec: &RunSpec, shape: Option<(i32, i32)>) -> Result<Vec<EnvVar
     Ok(spec.env.iter().cloned().chain(system).collect())
 }
 
-fn gpus(spec: &RunSpec) -> i32 {
-    spec.resources.as_ref().and_then(|r| r.gpu).unwrap_or(0).max(0)
+/// GPUs asked for (`resources.gpu`, 0 when unset or negative).
+pub fn gpus(r: Option<&ResourceRequests>) -> i32 {
+    r.and_then(|r| r.gpu).unwrap_or(0).max(0)
 }
 
-fn resources(r: Option<&ResourceRequests>) -> Option<ResourceRequirements> {
+/// Container resources from the spec's: cpu is a request; memory and
+/// `nvidia.com/gpu` are requests and limits. Shared with serving pods.
+pub fn resources(r: Option<&ResourceRequests>) -> Option<ResourceRequirements> {
     let r = r?;
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
@@ -444,9 +447,12 @@ pub fn secure_container_context() -> SecurityContext {
     }
 }
 
-fn tolerations(spec: &RunSpec) -> Vec<Toleration> {
+/// Tolerations of a pod placed by `placement` that asks for `gpus` GPUs: the
+/// ComputeCluster's taint, and `nvidia.com/gpu:NoSchedule` for GPU pods.
+/// Shared with serving pods.
+pub fn tolerations(placement: &Placement, gpus: i32) -> Vec<Toleration> {
     let mut t = Vec::new();
-    if let Some(cc) = &spec.placement.compute_cluster {
+    if let Some(cc) = &placement.compute_cluster {
         t.push(Toleration {
             key: Some(COMPUTE_CLUSTER_LABEL.into()),
             operator: Some("Equal".into()),
@@ -463,7 +469,7 @@ fn tolerations(spec: &RunSpec) -> Vec<Toleration> {
             toleration_seconds: None,
         });
     }
-    if gpus(spec) > 0 {
+    if gpus > 0 {
         t.push(Toleration {
             key: Some(GPU_RESOURCE.into()),
             operator: Some("Exists".into()),
@@ -475,13 +481,36 @@ fn tolerations(spec: &RunSpec) -> Vec<Toleration> {
     t
 }
 
-fn node_selector(p: &Placement) -> Option<BTreeMap<String, String>> {
+/// Node selector of a pod placed by `p`: the ComputeCluster's label (and its
+/// pool's). Shared with serving pods.
+pub fn node_selector(p: &Placement) -> Option<BTreeMap<String, String>> {
     let cc = p.compute_cluster.as_ref()?;
     let mut sel = BTreeMap::from([(COMPUTE_CLUSTER_LABEL.to_string(), label_value(cc))]);
     if let Some(pool) = &p.pool {
         sel.insert(POOL_LABEL.to_string(), pool.clone());
     }
     Some(sel)
+}
+
+/// The in-memory `/dev/shm` volume and its mount when `shmSize` is set (it
+/// counts against the memory limit). Shared with serving pods.
+pub fn shm_volume(r: Option<&ResourceRequests>) -> Option<(Volume, VolumeMount)> {
+    let shm = r?.shm_size.clone()?;
+    Some((
+        Volume {
+            name: SHM_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(shm),
+            }),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: SHM_VOLUME.into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        },
+    ))
 }
 
 /// Builds the Job (and Service) of a run.
@@ -492,20 +521,9 @@ pub fn build_run(spec: &RunSpec) -> Result<RunObjects, BuildError> {
 
     let mut volumes = spec.volumes.clone();
     let mut mounts = spec.volume_mounts.clone();
-    if let Some(shm) = spec.resources.as_ref().and_then(|r| r.shm_size.clone()) {
-        volumes.push(Volume {
-            name: SHM_VOLUME.into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".into()),
-                size_limit: Some(shm),
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: SHM_VOLUME.into(),
-            mount_path: "/dev/shm".into(),
-            ..Default::default()
-        });
+    if let Some((volume, mount)) = shm_volume(spec.resources.as_ref()) {
+        volumes.push(volume);
+        mounts.push(mount);
     }
 
     let container = Container {
@@ -555,7 +573,7 @@ pub fn build_run(spec: &RunSpec) -> Result<RunObjects, BuildError> {
         ..Default::default()
     });
 
-    let tolerations = tolerations(spec);
+    let tolerations = tolerations(&spec.placement, gpus(spec.resources.as_ref()));
     let pod = PodSpec {
         containers: vec![container],
         init_containers: (!init_containers.is_empty()).then_some(init_containers),

@@ -1,0 +1,265 @@
+//! Serving benchmark on the local cluster (`make cluster` first; `make
+//! bench` does): create 500 ModelDeployments and time until all 500 serving
+//! Deployments exist, against the same client creating the same 500
+//! Deployments directly (baseline, same concurrency; the objects come from
+//! the operator's own builder); then the operator's API writes during 60
+//! idle seconds after convergence. Goals: at least 0.8 of the direct rate,
+//! 0 writes.
+//!
+//! The operator runs as the chart's ServiceAccount (release build via
+//! MLPLANE_BIN), on its own Lease, with the Gateway API CRDs installed (so
+//! every ModelDeployment also gets its HTTPRoute). Eight extra simulated
+//! nodes hold the 1,000 pods, and a ServiceCIDR the 1,000 Services (the local
+//! cluster's own range is a /24); both are removed at the end.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, stream};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use mlplane::api::ModelDeployment;
+use mlplane::controllers::model_deployment::build::deployment::{ServingInput, build};
+use mlplane::controllers::model_deployment::resolve::resolve;
+use mlplane::controllers::model_deployment::runtime::RuntimeCatalog;
+use mlplane_test_support::*;
+use serde_json::json;
+
+/// ModelDeployments (and direct Deployments); `MLPLANE_BENCH_N` overrides.
+fn n() -> usize {
+    std::env::var("MLPLANE_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500)
+}
+const CONCURRENCY: usize = 16;
+const BENCH_NODES: usize = 8;
+const NODE_LABEL: &str = "mlplane.io/bench";
+/// Room for the benchmark's Services.
+const SERVICE_CIDR: &str = "172.20.0.0/16";
+
+fn model_deployment(name: &str) -> ModelDeployment {
+    serde_json::from_value(json!({
+        "apiVersion": "mlplane.io/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"deployments": [{
+            "name": "main",
+            "model": {"uri": format!("s3://models/{name}/1/"), "format": "ONNX"},
+            "scale": {"instanceCount": 1},
+            "resources": {"cpu": "10m", "memory": "16Mi"},
+        }]},
+    }))
+    .expect("model deployment")
+}
+
+/// The Deployment the operator makes for `model_deployment(name)`, built by
+/// its own builder (without the ownerReference).
+fn direct_deployment(name: &str) -> Deployment {
+    let md = model_deployment(name);
+    let d = &md.spec.deployments[0];
+    let runtime = RuntimeCatalog::builtin().resolve(d, 0).expect("runtime");
+    let model = resolve(&d.model, "spec.deployments[0].model", "", None, None, None)
+        .pin
+        .expect("a URI model");
+    build(&ServingInput {
+        md: &md,
+        deployment: d,
+        runtime: &runtime,
+        model: &model,
+        credentials: None,
+        fetch_image: "ghcr.io/mlplane/mlplane:0.1.0",
+        progress_deadline_seconds: 600,
+        autoscaled: false,
+    })
+}
+
+fn bench_node(i: usize) -> Node {
+    let name = format!("bench-serving-{i}");
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok", NODE_LABEL: "serving"}},
+        "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+                   "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"}},
+    }))
+    .expect("node")
+}
+
+async fn create_all<K, F>(api: &Api<K>, make: F) -> Result<f64>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+    F: Fn(usize) -> K,
+{
+    let start = Instant::now();
+    let results: Vec<Result<K, kube::Error>> = stream::iter((0..n()).map(make))
+        .map(|obj| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &obj).await }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let admin = admin_client()
+        .await
+        .context("the local cluster must be up (make cluster)")?;
+    install_chart()?;
+    install_gateway_api_crds()?;
+    let idle_secs: u64 = std::env::var("MLPLANE_BENCH_IDLE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let big_n = n();
+    println!(
+        "serving benchmark: {big_n} ModelDeployments vs {big_n} Deployments created directly, {CONCURRENCY} requests in flight"
+    );
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for i in 0..BENCH_NODES {
+        let _ = nodes.create(&PostParams::default(), &bench_node(i)).await;
+    }
+    let cidrs: Api<ServiceCIDR> = Api::all(admin.clone());
+    let cidr: ServiceCIDR = serde_json::from_value(json!({
+        "metadata": {"name": "bench-serving"}, "spec": {"cidrs": [SERVICE_CIDR]},
+    }))?;
+    let _ = cidrs.create(&PostParams::default(), &cidr).await;
+
+    // Baseline: the same client creates the Deployments itself.
+    let direct = TestNamespace::create(&admin, "bench-serving-direct").await?;
+    let direct_secs = create_all(&direct.api::<Deployment>(), |i| direct_deployment(&format!("md-{i}"))).await?;
+
+    // The operator, then the ModelDeployments.
+    let lease = format!("bench-{}", random_suffix());
+    let op = Operator::start(&admin, &["--lease-name", &lease]).await?;
+    let ns = TestNamespace::create(&admin, "bench-serving").await?;
+    let mds: Api<ModelDeployment> = ns.api();
+    let deployments: Api<Deployment> = ns.api();
+    let rec0 = op.metric("mlplane_reconcile_total", &[("kind", "ModelDeployment")])?;
+    let start = Instant::now();
+    let created_secs = create_all(&mds, |i| model_deployment(&format!("md-{i}"))).await?;
+    let selector = ListParams::default().labels("app.kubernetes.io/managed-by=mlplane");
+    loop {
+        let n = deployments.list_metadata(&selector).await?.items.len();
+        if n >= big_n {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(900) {
+            anyhow::bail!(
+                "only {n} of {big_n} Deployments after 900 s; operator log:\n{}",
+                op.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let md_secs = start.elapsed().as_secs_f64();
+
+    // Convergence: the operator's writes stop changing for 10 s.
+    let converged = op
+        .wait_writes_settle(
+            Duration::from_secs(10),
+            Duration::from_secs(1200).saturating_sub(start.elapsed()),
+        )
+        .await?;
+    let converged_secs = start.elapsed().as_secs_f64();
+    let writes_to_converge = op.writes_excluding_leases()?;
+    let rec1 = op.metric("mlplane_reconcile_total", &[("kind", "ModelDeployment")])?;
+    let ready = mds
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|m| m.status.as_ref().is_some_and(|s| mlplane::api::is_ready(&s.conditions)))
+        .count();
+    let idle_w0 = op.writes_excluding_leases()?;
+    let idle_r0 = op.metric("mlplane_reconcile_total", &[("kind", "ModelDeployment")])?;
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_writes = op.writes_excluding_leases()? - idle_w0;
+    let idle_reconciles = op.metric("mlplane_reconcile_total", &[("kind", "ModelDeployment")])? - idle_r0;
+
+    let direct_rate = big_n as f64 / direct_secs;
+    let md_rate = big_n as f64 / md_secs;
+    let ratio = md_rate / direct_rate;
+    println!("{:<52} {:>10}", "measure", "value");
+    println!(
+        "{:<52} {:>10.2}",
+        format!("direct: seconds for {big_n} Deployments"),
+        direct_secs
+    );
+    println!("{:<52} {:>10.1}", "direct: Deployments/s", direct_rate);
+    println!(
+        "{:<52} {:>10.2}",
+        format!("mlplane: seconds to create {big_n} ModelDeployments"),
+        created_secs
+    );
+    println!(
+        "{:<52} {:>10.2}",
+        format!("mlplane: seconds until all {big_n} Deployments exist"),
+        md_secs
+    );
+    println!("{:<52} {:>10.1}", "mlplane: Deployments/s", md_rate);
+    println!(
+        "{:<52} {:>10.1}{}",
+        "seconds until converged (writes stop)",
+        converged_secs,
+        if converged { "" } else { " (did not settle)" }
+    );
+    println!("{:<52} {:>10.0}", "operator writes until converged", writes_to_converge);
+    println!("{:<52} {:>10.0}", "reconciles until converged", rec1 - rec0);
+    println!("{:<52} {:>10}", "ModelDeployments Ready when converged", ready);
+    println!(
+        "{:<52} {:>10.0}",
+        format!("writes in {idle_secs} idle s (Lease renewals aside)"),
+        idle_writes
+    );
+    println!(
+        "{:<52} {:>10.0}",
+        format!("reconciles in those {idle_secs} idle s"),
+        idle_reconciles
+    );
+    // Where the writes went (verb resource: count), largest first.
+    let metrics = op.get("/metrics")?;
+    let mut by_resource: Vec<(String, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mlplane_kube_api_requests_total{"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let label = |k: &str| {
+                series
+                    .split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            Some((format!("{} {}", label("verb"), label("resource")), value.parse().ok()?))
+        })
+        .filter(|(k, _)| !k.ends_with(" leases"))
+        .collect();
+    by_resource.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = by_resource.iter().take(12).map(|(k, v)| format!("{k}: {v}")).collect();
+    println!("requests by verb and resource: {}", top.join(", "));
+    println!(
+        "rate mlplane/direct = {ratio:.2} (goal >= 0.8: {}); idle writes {idle_writes} (goal 0: {})",
+        if ratio >= 0.8 { "met" } else { "NOT met" },
+        if idle_writes == 0.0 { "met" } else { "NOT met" },
+    );
+
+    drop(ns);
+    drop(direct);
+    drop(op);
+    // Removed once its Services are gone (the API server's finalizer).
+    let _ = cidrs.delete("bench-serving", &DeleteParams::default()).await;
+    let _ = nodes
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{NODE_LABEL}=serving")),
+        )
+        .await;
+    Ok(())
+}

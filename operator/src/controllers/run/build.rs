@@ -447,10 +447,19 @@ pub fn secure_container_context() -> SecurityContext {
     }
 }
 
+/// Whether a pod may run on a ComputeCluster's Spot nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spot {
+    /// Runs and pipeline steps: restartable batch work.
+    Tolerate,
+    /// Serving pods: a reclaimed node would take an endpoint's capacity.
+    Avoid,
+}
+
 /// Tolerations of a pod placed by `placement` that asks for `gpus` GPUs: the
-/// ComputeCluster's taint, and `nvidia.com/gpu:NoSchedule` for GPU pods.
-/// Shared with serving pods.
-pub fn tolerations(placement: &Placement, gpus: i32) -> Vec<Toleration> {
+/// ComputeCluster's taint, the Spot taint when `spot` allows it, and
+/// `nvidia.com/gpu:NoSchedule` for GPU pods. Shared with serving pods.
+pub fn tolerations(placement: &Placement, gpus: i32, spot: Spot) -> Vec<Toleration> {
     let mut t = Vec::new();
     if let Some(cc) = &placement.compute_cluster {
         t.push(Toleration {
@@ -460,7 +469,8 @@ pub fn tolerations(placement: &Placement, gpus: i32) -> Vec<Toleration> {
             effect: Some("NoSchedule".into()),
             toleration_seconds: None,
         });
-        // Runs are restartable batch work: they may use the cluster's Spot pools.
+    }
+    if placement.compute_cluster.is_some() && spot == Spot::Tolerate {
         t.push(Toleration {
             key: Some(SPOT_TAINT_KEY.into()),
             operator: Some("Equal".into()),
@@ -573,7 +583,7 @@ pub fn build_run(spec: &RunSpec) -> Result<RunObjects, BuildError> {
         ..Default::default()
     });
 
-    let tolerations = tolerations(&spec.placement, gpus(spec.resources.as_ref()));
+    let tolerations = tolerations(&spec.placement, gpus(spec.resources.as_ref()), Spot::Tolerate);
     let pod = PodSpec {
         containers: vec![container],
         init_containers: (!init_containers.is_empty()).then_some(init_containers),

@@ -44,7 +44,7 @@ use crate::controllers::model_deployment::resolve::MODEL_ANNOTATION;
 use crate::controllers::model_deployment::runtime::{MODEL_DIR, ResolvedRuntime};
 use crate::controllers::run::artifacts::pvc_location;
 use crate::controllers::run::build::{
-    Placement, gpus, node_selector, resources, secure_container_context, shm_volume, tolerations,
+    Placement, Spot, gpus, node_selector, resources, secure_container_context, shm_volume, tolerations,
 };
 
 /// Name of the model-fetching init container.
@@ -210,7 +210,7 @@ pub fn build(input: &ServingInput<'_>) -> Deployment {
         compute_cluster: d.compute.clone(),
         pool: None,
     };
-    let tolerations = tolerations(&placement, gpus(d.resources.as_ref()));
+    let tolerations = tolerations(&placement, gpus(d.resources.as_ref()), Spot::Avoid);
     // User pod labels first, so they cannot override mlplane's.
     let pod_md = d.pod_metadata.clone().unwrap_or_default();
     let mut pod_labels = pod_md.labels;

@@ -752,4 +752,64 @@ mod tests {
         let ours: Vec<(usize, Resources)> = packer.bins().iter().map(|b| (b.pool, b.free.clone())).collect();
         assert_eq!(ours, reference);
     }
+
+    /// A gang that does not fit leaves the packer as if it had never been
+    /// tried (bins, pools and search trees): what comes next lands exactly
+    /// where it would have. Some pods ask for an extended resource, which
+    /// the trees do not index.
+    #[test]
+    fn a_failed_gang_leaves_no_trace_on_randomized_inputs() {
+        let mut seed = 11u64;
+        let mut rand = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let fpga = "example.com/fpga".to_string();
+        let mut big = shape(16, 64, 0);
+        big.extended.insert(fpga.clone(), 2);
+        let mut packer = Packer::new([(shape(8, 32, 1), 30), (big.clone(), 30)]);
+        for _ in 0..20 {
+            let pool = rand(2) as usize;
+            let mut free = if pool == 0 { shape(8, 32, 1) } else { big.clone() };
+            free.sub(&res(rand(8) as i64, rand(32) as i64, 0));
+            packer.add_bin(pool, free, None);
+        }
+        let item = |rand: &mut dyn FnMut(u64) -> u64| {
+            let mut request = res(1 + rand(6) as i64, 1 + rand(20) as i64, rand(2) as i64);
+            if rand(4) == 0 {
+                request.extended.insert(fpga.clone(), 1);
+            }
+            Item {
+                request,
+                count: 1 + rand(4) as u32,
+                pools: 1 + rand(3),
+            }
+        };
+        let state = |p: &Packer| {
+            let bins: Vec<_> = p
+                .bins()
+                .iter()
+                .map(|b| (b.pool, b.free.clone(), b.placed, b.node))
+                .collect();
+            (bins, p.opened(0), p.opened(1))
+        };
+        let (mut failed, mut placed) = (0, 0);
+        for _ in 0..400 {
+            let gang: Vec<Item> = (0..1 + rand(3)).map(|_| item(&mut rand)).collect();
+            let before = packer.clone();
+            if packer.place_gang(&gang).is_some() {
+                placed += 1;
+                continue;
+            }
+            failed += 1;
+            assert_eq!(state(&packer), state(&before));
+            let mut twin = before;
+            for _ in 0..3 {
+                let next = item(&mut rand);
+                assert_eq!(packer.place(&next), twin.place(&next));
+                assert_eq!(state(&packer), state(&twin));
+            }
+        }
+        assert!(failed > 20 && placed > 20, "{failed} failed, {placed} placed");
+    }
 }

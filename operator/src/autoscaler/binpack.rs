@@ -336,21 +336,36 @@ impl Packer {
         self.pools[pool].opened
     }
 
-    /// Sorts items for first-fit decreasing: biggest first by dominant share
-    /// of the node shape of the first pool the item may use (where its new
-    /// nodes come from first), ties by GPUs, CPU, memory; stable.
+    /// Sorts items for first-fit decreasing, stable. The pools an item can
+    /// really use are those it may use whose node shape fits one pod (its
+    /// new nodes come from the first of them). Items that can use fewer
+    /// pools go first, so pods that could go anywhere do not take the room
+    /// of a pool that others can only use (with `maxNodes` reached those
+    /// would be left out); then biggest first by dominant share of the
+    /// first usable pool's node shape; ties by GPUs, CPU, memory.
     pub fn sort_decreasing(&self, items: &mut [Item]) {
-        items.sort_by_cached_key(|i| std::cmp::Reverse((self.share_key(i), i.request.size_key())));
+        items.sort_by_cached_key(|i| {
+            let (usable, share) = self.usable_and_share(i);
+            (usable, std::cmp::Reverse((share, i.request.size_key())))
+        });
     }
 
-    /// [`dominant_share`] as an integer that orders the same: shares are
-    /// never negative, and non-negative floats order as their bits do.
-    fn share_key(&self, item: &Item) -> u64 {
-        let first = (item.pools != 0).then(|| item.pools.trailing_zeros() as usize);
-        match first.and_then(|p| self.pools.get(p)) {
-            Some(pool) => dominant_share(&item.request, &pool.shape).to_bits(),
-            None => 0,
+    /// How many pools can take a pod of `item`, and its [`dominant_share`]
+    /// of the first one's shape as an integer that orders the same (shares
+    /// are never negative, and non-negative floats order as their bits do);
+    /// share 0 when none can.
+    fn usable_and_share(&self, item: &Item) -> (u32, u64) {
+        let mut usable = 0;
+        let mut share = 0;
+        for (p, pool) in self.pools.iter().enumerate() {
+            if item.pools & pool_bit(p) != 0 && pool.shape.fits(&item.request) {
+                if usable == 0 {
+                    share = dominant_share(&item.request, &pool.shape).to_bits();
+                }
+                usable += 1;
+            }
         }
+        (usable, share)
     }
 
     fn put(&mut self, bin: usize, req: &Resources, n: u32, log: &mut Option<&mut Vec<Change>>) {
@@ -689,6 +704,38 @@ mod tests {
         ];
         ffd.sort_decreasing(&mut mixed);
         assert_eq!(mixed[0].request.memory, 30 << 30);
+    }
+
+    /// A pod that can use only one pool goes before a bigger one that can
+    /// use any: otherwise the big one takes the last node that pool may add.
+    #[test]
+    fn pods_with_fewer_usable_pools_go_first() {
+        let mut packer = Packer::new([(shape(8, 32, 0), 1), (shape(8, 16, 0), 1)]);
+        let mut items = vec![
+            Item {
+                request: res(6, 1, 0),
+                count: 1,
+                pools: pool_bit(0) | pool_bit(1),
+            },
+            Item {
+                request: res(4, 1, 0),
+                count: 1,
+                pools: pool_bit(0),
+            },
+            // Pool 1 cannot fit it, so it really has one pool too, and is bigger.
+            Item {
+                request: res(1, 31, 0),
+                count: 1,
+                pools: pool_bit(0) | pool_bit(1),
+            },
+        ];
+        packer.sort_decreasing(&mut items);
+        let order: Vec<i64> = items.iter().map(|i| i.request.cpu / 1000).collect();
+        assert_eq!(order, [1, 4, 6]);
+        // In arrival order the 6-CPU pod would take pool 0's only node.
+        let placed: u32 = items.iter().map(|i| packer.place(i)).sum();
+        assert_eq!(placed, 3);
+        assert_eq!((packer.opened(0), packer.opened(1)), (1, 1));
     }
 
     /// The tree finds exactly the bins a plain left-to-right scan finds.

@@ -37,7 +37,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use mlplane::api::ComputeCluster;
 use mlplane::autoscaler::admission::{Outcome, Quota};
-use mlplane::autoscaler::binpack::{Constraints, Item, Packer, pool_bit};
+use mlplane::autoscaler::binpack::{Constraints, Item, pool_bit, sort_decreasing};
 use mlplane::autoscaler::plan::{DemandInput, NodeInput, NodeState, PlanInput, PoolInput, QueueInput, plan};
 use mlplane::autoscaler::providers::no_schedule as taint;
 use mlplane::autoscaler::resources::Resources;
@@ -249,9 +249,8 @@ fn naive_first_fit(input: &PlanInput) -> (u32, i64, u32) {
 }
 
 /// The floor: copy the pods and sort them biggest first (as the planner
-/// does, by dominant share).
+/// does).
 fn floor(input: &PlanInput) -> usize {
-    let packer = Packer::new(input.pools.iter().map(|p| (p.shape.clone(), 0)));
     let mut items: Vec<Item> = input
         .demand
         .iter()
@@ -261,7 +260,7 @@ fn floor(input: &PlanInput) -> usize {
             pools: pool_bit(0),
         })
         .collect();
-    packer.sort_decreasing(&mut items);
+    sort_decreasing(&mut items);
     items.len()
 }
 

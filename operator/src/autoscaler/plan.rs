@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::Taint;
 use k8s_openapi::jiff::Timestamp;
 
 use super::admission::{Outcome, PoolView, QueuedRun, Quota, Usage, decide};
-use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit};
+use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit, sort_decreasing};
 use super::resources::Resources;
 
 /// A pool as the planner sees it.
@@ -270,7 +270,7 @@ pub fn plan(input: &PlanInput) -> Plan {
             pools: masks.mask(&d.constraints),
         })
         .collect();
-    packer.sort_decreasing(&mut items);
+    sort_decreasing(&mut items);
     let mut plan = Plan::default();
     for item in &items {
         plan.pending_pods += item.count;

@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::Taint;
 use k8s_openapi::jiff::Timestamp;
 
 use super::admission::{Outcome, PoolView, QueuedRun, Quota, Usage, decide};
-use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit};
+use super::binpack::{Constraints, Item, Packer, PoolMask, pool_bit, sort_decreasing};
 use super::resources::Resources;
 
 /// A pool as the planner sees it.
@@ -270,7 +270,7 @@ pub fn plan(input: &PlanInput) -> Plan {
             pools: masks.mask(&d.constraints),
         })
         .collect();
-    packer.sort_decreasing(&mut items);
+    sort_decreasing(&mut items);
     let mut plan = Plan::default();
     for item in &items {
         plan.pending_pods += item.count;
@@ -679,5 +679,38 @@ mod tests {
         assert_eq!(p.outcomes[0], Outcome::Admitted(BTreeMap::from([(0, 1)])));
         assert_eq!(p.outcomes[1], Outcome::Admitted(BTreeMap::from([(1, 1)])));
         assert_eq!((p.pools[0].add, p.pools[1].add), (1, 1));
+    }
+
+    /// Cached pools are those worked out afresh, for constraints that differ
+    /// only in a toleration, a selector value or an affinity term.
+    #[test]
+    fn cached_pools_match_pools_worked_out_for_each_pod() {
+        let mut other = pool(0, 1);
+        other.name = "cpu".into();
+        other.labels.insert("mlplane.io/pool".into(), "cpu".into());
+        other.taints.clear();
+        let pools = vec![pool(0, 1), other];
+        let spec = |v: serde_json::Value| Constraints::of(&serde_json::from_value(v).unwrap());
+        let affinity = |op: &str| {
+            json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "mlplane.io/pool", "operator": op, "values": ["a100"]}]}
+            ]}}})
+        };
+        let variants = [
+            run_constraints(),
+            Constraints::default(),
+            spec(json!({"containers": [], "nodeSelector": {"mlplane.io/pool": "cpu"}})),
+            spec(json!({"containers": [], "nodeSelector": {"mlplane.io/pool": "a100"}})),
+            spec(json!({"containers": [], "tolerations": [{"operator": "Exists"}]})),
+            spec(json!({"containers": [], "tolerations": [{"operator": "Exists"}], "affinity": affinity("In")})),
+            spec(json!({"containers": [], "tolerations": [{"operator": "Exists"}], "affinity": affinity("NotIn")})),
+        ];
+        let mut cache = MaskCache::new(&pools);
+        for round in 0..3 {
+            for (i, c) in variants.iter().enumerate() {
+                assert_eq!(cache.mask(c), pools_for(c, &pools).0, "variant {i}, round {round}");
+            }
+        }
+        assert_eq!(cache.known.values().map(Vec::len).sum::<usize>(), variants.len());
     }
 }

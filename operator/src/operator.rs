@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long, env = "MLPLANE_LEASE_GRACE", default_value_t = 5)]
     pub lease_grace: u64,
     /// Reconciles of one kind running at once.
-    #[arg(long, env = "MLPLANE_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "MLPLANE_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
     /// Seconds between periodic reconciles of a converged object.
     #[arg(long, env = "MLPLANE_RESYNC_SECONDS", default_value_t = 300)]

@@ -32,20 +32,11 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(f)
-    })
-    .join()
-    .map_err(|_| anyhow!("fixture thread panicked"))?
-}
-
 /// The operator shared by this binary's tests, on a Lease of its own.
 fn operator() -> &'static Operator {
     static OP: OnceLock<Operator> = OnceLock::new();
     OP.get_or_init(|| {
-        block_on(async {
+        block_on_thread(async {
             let admin = admin_client().await?;
             let lease = format!("mlplane-cc-test-{}", random_suffix());
             Operator::start(&admin, &["--lease-name", &lease, "--resync-seconds", "30"]).await

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
@@ -27,15 +27,6 @@ struct Fixture {
     tracking: TrackingServer,
     operator: Mutex<Option<Operator>>,
     operator_token: String,
-}
-
-fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(f)
-    })
-    .join()
-    .map_err(|_| anyhow!("fixture thread panicked"))?
 }
 
 async fn start_operator(admin: &Client, tracking_url: &str) -> Result<Operator> {
@@ -58,18 +49,9 @@ async fn start_operator(admin: &Client, tracking_url: &str) -> Result<Operator> 
 fn fixture() -> &'static Fixture {
     static FIX: OnceLock<Fixture> = OnceLock::new();
     FIX.get_or_init(|| {
-        block_on(async {
+        block_on_thread(async {
             let admin = admin_client().await?;
-            install_chart()?;
-            let tracking_kc = service_account_kubeconfig(&admin, OPERATOR_NAMESPACE, "mlplane-tracking").await?;
-            let dir = repo_root().join(format!(".cluster/exp-tracking-{}", random_suffix()));
-            std::fs::create_dir_all(&dir)?;
-            let tracking = TrackingServer::start(
-                &format!("sqlite://{}?mode=rwc", dir.join("t.db").display()),
-                &dir.join("artifacts"),
-                Some(&tracking_kc),
-            )
-            .await?;
+            let tracking = authenticated_tracking_server(&admin, "exp").await?;
             let operator = start_operator(&admin, &tracking.url()).await?;
             let operator_token =
                 service_account_token(&admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, 7200).await?;

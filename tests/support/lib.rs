@@ -1251,16 +1251,7 @@ impl TrackedOperator {
     /// Starts both; `name` tells this fixture's files and Lease apart.
     pub async fn start(name: &str) -> Result<Self> {
         let admin = admin_client().await?;
-        install_chart()?;
-        let tracking_kc = service_account_kubeconfig(&admin, OPERATOR_NAMESPACE, "mlplane-tracking").await?;
-        let dir = repo_root().join(format!(".cluster/{name}-tracking-{}", random_suffix()));
-        std::fs::create_dir_all(&dir)?;
-        let tracking = TrackingServer::start(
-            &format!("sqlite://{}?mode=rwc", dir.join("t.db").display()),
-            &dir.join("artifacts"),
-            Some(&tracking_kc),
-        )
-        .await?;
+        let tracking = authenticated_tracking_server(&admin, name).await?;
         let lease = format!("mlplane-{name}-test-{}", random_suffix());
         let operator = Self::operator(&admin, &tracking.url(), &lease).await?;
         let operator_token = service_account_token(&admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, 7200).await?;

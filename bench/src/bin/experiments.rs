@@ -161,7 +161,22 @@ async fn main() -> Result<()> {
     let mean_patch_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "patch")]);
     let mean_reconcile_ms = mean("mlplane_reconcile_duration_seconds", &[("kind", "Experiment")]);
 
-    // Convergence: wait until the operator's writes stop changing for 10 s.
+    // Convergence: every Experiment reports its run Running (its pod
+    // started: the last status change this benchmark causes), then the
+    // operator's writes stop changing for 10 s.
+    loop {
+        let running = exps
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|e| e.data["status"]["phase"] == "Running")
+            .count();
+        if running >= N || start.elapsed() > Duration::from_secs(900) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let mut last = op.writes_excluding_leases()?;
     let mut stable_since = Instant::now();
     while stable_since.elapsed() < Duration::from_secs(10) {

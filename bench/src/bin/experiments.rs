@@ -161,18 +161,24 @@ async fn main() -> Result<()> {
     let mean_patch_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "patch")]);
     let mean_reconcile_ms = mean("mlplane_reconcile_duration_seconds", &[("kind", "Experiment")]);
 
-    // Convergence: every Experiment reports its run Running (its pod
-    // started: the last status change this benchmark causes), then the
-    // operator's writes stop changing for 10 s.
+    // Convergence: the scheduler has looked at every run pod (bound, or
+    // marked unschedulable: the benchmark's pods outnumber the nodes), so
+    // no status change is still coming; then the operator's writes stop
+    // changing for 10 s.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), &ws);
     loop {
-        let running = exps
-            .list(&ListParams::default())
-            .await?
-            .items
+        let list = pods.list(&ListParams::default().labels(labels)).await?.items;
+        let looked_at = list
             .iter()
-            .filter(|e| e.data["status"]["phase"] == "Running")
+            .filter(|p| {
+                p.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+                    || p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "PodScheduled" && c.status == "False"))
+            })
             .count();
-        if running >= N || start.elapsed() > Duration::from_secs(900) {
+        if looked_at >= N || start.elapsed() > Duration::from_secs(900) {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -17,7 +17,7 @@
 //! writes nothing.
 //!
 //! Owns: the queue and the workers. Must not decide any status itself.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,6 +65,9 @@ struct State<S> {
     queue: VecDeque<Key>,
     /// Last status written, until the watch shows it.
     written: HashMap<Key, (S, Instant)>,
+    /// Objects whose status a worker is writing: one write per object at a
+    /// time, so a newer status never lands before an older one.
+    in_flight: HashSet<Key>,
 }
 
 struct Shared<S> {
@@ -97,6 +100,7 @@ where
                 pending: HashMap::new(),
                 queue: VecDeque::new(),
                 written: HashMap::new(),
+                in_flight: HashSet::new(),
             }),
             notify: Notify::new(),
         });
@@ -187,6 +191,23 @@ fn forget_written<S: PartialEq>(shared: &Shared<S>, key: &Key, status: &S) {
     }
 }
 
+/// The oldest object with a pending status that no worker is writing,
+/// marked in flight (and as written: a reconcile running while the patch is
+/// on the wire must not submit the same status again).
+fn take_next<S: Clone>(state: &mut State<S>) -> Option<(Key, S, u32)> {
+    loop {
+        let i = state.queue.iter().position(|k| !state.in_flight.contains(k))?;
+        let key = state.queue.remove(i)?;
+        // Written meanwhile by `write_now`: nothing left to do for it.
+        let Some((status, attempts)) = state.pending.remove(&key) else {
+            continue;
+        };
+        state.written.insert(key.clone(), (status.clone(), Instant::now()));
+        state.in_flight.insert(key.clone());
+        return Some((key, status, attempts));
+    }
+}
+
 type ApiFor<K> = Arc<dyn Fn(&Key) -> Api<K> + Send + Sync>;
 
 async fn work<K, S>(shared: Arc<Shared<S>>, api_for: ApiFor<K>, metrics: Metrics, stop: CancellationToken)
@@ -198,16 +219,7 @@ where
     loop {
         let next = {
             let mut state = shared.state.lock().expect("status writer lock");
-            let next = state.queue.pop_front().and_then(|key| {
-                let (status, attempts) = state.pending.remove(&key)?;
-                Some((key, status, attempts))
-            });
-            // In flight counts as written: a reconcile that runs while the
-            // patch is on the wire must not submit the same status again.
-            if let Some((key, status, _)) = &next {
-                state.written.insert(key.clone(), (status.clone(), Instant::now()));
-            }
-            next
+            take_next(&mut state)
         };
         let Some((key, status, attempts)) = next else {
             tokio::select! {
@@ -215,7 +227,11 @@ where
                 _ = shared.notify.notified() => continue,
             }
         };
-        match write_status(&api_for(&key), &key.name, &status).await {
+        let result = write_status(&api_for(&key), &key.name, &status).await;
+        shared.state.lock().expect("status writer lock").in_flight.remove(&key);
+        // A newer status of this object may be waiting for this write.
+        shared.notify.notify_one();
+        match result {
             Ok(()) => {}
             // Deleted meanwhile: nothing to report on.
             Err(kube::Error::Api(s)) if s.code == 404 => {
@@ -276,6 +292,7 @@ mod tests {
                     pending: HashMap::new(),
                     queue: VecDeque::new(),
                     written: HashMap::new(),
+                    in_flight: HashSet::new(),
                 }),
                 notify: Notify::new(),
             }),
@@ -309,6 +326,25 @@ mod tests {
             "one entry per object, in order"
         );
         assert_eq!(state.pending[&key("a")].0, 3, "the newest status is the one written");
+    }
+
+    #[test]
+    fn one_write_per_object_at_a_time_in_submission_order() {
+        let w = writer();
+        assert!(w.submit_if_changed(key("a"), None, &1));
+        assert!(w.submit_if_changed(key("b"), None, &1));
+        let mut state = w.shared.state.lock().unwrap();
+        let (k, s, _) = take_next(&mut state).unwrap();
+        assert_eq!((k, s), (key("a"), 1));
+        drop(state);
+        // A newer status of `a` while its first write is on the wire waits
+        // for that write; `b` goes meanwhile.
+        assert!(w.submit_if_changed(key("a"), None, &2));
+        let mut state = w.shared.state.lock().unwrap();
+        assert_eq!(take_next(&mut state).map(|(k, _, _)| k), Some(key("b")));
+        assert!(take_next(&mut state).is_none(), "a is still in flight");
+        state.in_flight.remove(&key("a"));
+        assert_eq!(take_next(&mut state).map(|(k, s, _)| (k, s)), Some((key("a"), 2)));
     }
 
     #[test]

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use self::reconcile::{ClusterContext, KIND, clusters_labelled};
 use super::experiment::observe::drive;
 use super::run::build::COMPUTE_CLUSTER_LABEL;
+use super::status_writer::StatusWriter;
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::api::ComputeCluster;
 
@@ -52,7 +53,17 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let (caches, streams) = observe::caches(&client);
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
     let nodes = caches.nodes.clone();
+    let status_client = ctx.client.clone();
+    // Statuses are written on the pass's task (write_now); the worker only
+    // retries. What it remembers stands in for a cache that lags behind.
+    let statuses = StatusWriter::start(
+        move |_| Api::all(status_client.clone()),
+        ctx.metrics.clone(),
+        1,
+        stop.clone(),
+    );
     let cctx = Arc::new(ClusterContext {
+        statuses,
         base: ctx,
         caches,
         clusters: store.clone(),

@@ -35,7 +35,9 @@ use super::observe::{Caches, CapiCaches, SCALE_DOWN_ANNOTATION, Written, strip_j
 use super::scale_down::{Drained, cordon, evict, uncordon};
 use super::snapshot::{NodeFacts, Objects, Pending, ProviderKind, QueuedJob, Snapshot, snapshot, validate};
 use super::status::{self as cstatus, CLUSTER_API_NOT_INSTALLED, INVALID_SPEC, MACHINE_DEPLOYMENT_NOT_FOUND, Scaled};
-use crate::api::{ComputeCluster, ComputeClusterPhase, NewCondition, Pool, READY, Tier, set_condition};
+use crate::api::{
+    ComputeCluster, ComputeClusterPhase, ComputeClusterStatus, NewCondition, Pool, READY, Tier, set_condition,
+};
 use crate::autoscaler::admission::{
     ADMITTED_AT_ANNOTATION, Outcome, QUEUE_MESSAGE_ANNOTATION, QUEUE_REASON_ANNOTATION, QueueReason,
 };
@@ -44,7 +46,7 @@ use crate::autoscaler::providers::cluster_api::{self, ClusterApiProvider};
 use crate::autoscaler::providers::kwok::KwokProvider;
 use crate::autoscaler::providers::r#static::StaticProvider;
 use crate::autoscaler::providers::{NodeProvider, NodeRef, pool_labels, pool_taints};
-use crate::controllers::apply::patch_status_if_changed;
+use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Result};
 
 pub(super) const KIND: &str = "ComputeCluster";
@@ -118,6 +120,8 @@ pub struct ClusterContext {
     pub trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<DeserializeGuard<ComputeCluster>>>,
     pub capi_checked: Mutex<Option<Instant>>,
     pub stop: CancellationToken,
+    /// Status writes, and the last one written until the watch shows it.
+    pub statuses: StatusWriter<ComputeCluster, ComputeClusterStatus>,
 }
 
 impl std::ops::Deref for ClusterContext {
@@ -280,7 +284,10 @@ fn is_code(e: &kube::Error, codes: &[u16]) -> bool {
 /// Marks the cluster not Ready (`reason`), once per change.
 async fn degrade(cc: &ComputeCluster, ctx: &ClusterContext, reason: &str, message: String) -> Result<Action> {
     let api: Api<ComputeCluster> = Api::all(ctx.client.clone());
-    let mut status = cc.status.clone().unwrap_or_default();
+    // The last status written, while the cache may not show it yet: pool
+    // timestamps (lastScaleUp) carry over from it.
+    let current = ctx.statuses.current(&StatusKey::of(cc), cc.status.as_ref());
+    let mut status = current.clone().unwrap_or_default();
     let generation = cc.metadata.generation;
     status.phase = Some(ComputeClusterPhase::Degraded);
     status.observed_generation = generation;
@@ -294,7 +301,10 @@ async fn degrade(cc: &ComputeCluster, ctx: &ClusterContext, reason: &str, messag
         NewCondition::new(READY, false, reason, message.clone()).observed_generation(generation),
         &Time(Timestamp::now()),
     );
-    if patch_status_if_changed(&api, &cc.name_any(), cc.status.as_ref(), &status).await?
+    if ctx
+        .statuses
+        .write_now(&api, StatusKey::of(cc), current.as_ref(), &status)
+        .await?
         && was.as_deref() != Some(reason)
     {
         ctx.event(cc, EventType::Warning, reason, "Reconcile", message).await;
@@ -907,7 +917,10 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
 
     // Status.
     let api: Api<ComputeCluster> = Api::all(ctx.client.clone());
-    let mut status = cc.status.clone().unwrap_or_default();
+    // The last status written, while the cache may not show it yet: pool
+    // timestamps (lastScaleUp) carry over from it.
+    let current = ctx.statuses.current(&StatusKey::of(cc), cc.status.as_ref());
+    let mut status = current.clone().unwrap_or_default();
     let generation = cc.metadata.generation;
     let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
     let time = Time(now);
@@ -921,7 +934,9 @@ pub async fn reconcile(cc: &ComputeCluster, ctx: &ClusterContext) -> Result<Acti
         NewCondition::new(READY, true, reason, message).observed_generation(generation),
         &time,
     );
-    patch_status_if_changed(&api, &name, cc.status.as_ref(), &status).await?;
+    ctx.statuses
+        .write_now(&api, StatusKey::of(cc), current.as_ref(), &status)
+        .await?;
 
     // Metrics.
     {

@@ -838,6 +838,12 @@ async fn the_cluster_api_provider_scales_a_real_machine_deployment_up_and_back_d
         })
     };
 
+    // The watch has seen the MachineDeployment at 0 before anything can scale it.
+    let seen_start = tokio::time::Instant::now();
+    while history.lock().unwrap().is_empty() {
+        anyhow::ensure!(seen_start.elapsed() < LONG, "the MachineDeployment watch never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let exps: Api<Experiment> = Api::namespaced(admin.clone(), &ws.name);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ws.name);
     exps.create(&PostParams::default(), &experiment("capi", &cc.name, json!({}))?)

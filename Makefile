@@ -23,8 +23,9 @@ cluster: tools ## Start the local control plane (idempotent); kubeconfig in .clu
 	@tests/cluster/up.sh
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local control plane (and a demo operator) and remove its state
+cluster-down: ## Stop the local control plane (and the demo's operator and tracking server) and remove its state
 	@if [[ -f .cluster/operator.pid ]]; then kill "$$(cat .cluster/operator.pid)" 2>/dev/null || true; fi
+	@if [[ -f .cluster/tracking.pid ]]; then kill "$$(cat .cluster/tracking.pid)" 2>/dev/null || true; fi
 	@tests/cluster/down.sh
 
 ##@ Generated files

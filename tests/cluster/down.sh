@@ -16,5 +16,9 @@ if [[ -d $KWOK_WORKDIR ]]; then
     kill "$(cat "$f")" 2>/dev/null || true
   done
 fi
+# MinIO servers of the object-store tests keep their data under .cluster/;
+# the ones started by shared test fixtures (statics, never dropped) outlive
+# their test process and go here.
+pkill -f "minio server .*$state/minio-" 2>/dev/null || true
 rm -rf "$state"
 echo "local cluster '$name' stopped and its state removed"

@@ -553,8 +553,8 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     // Status, then events.
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
     patch_status_if_changed(&mds, &name, md.status.as_ref(), &planned.status).await?;
-    // Events go out on their own task: recording them must not hold up the
-    // next reconcile.
+    // Events go to the Context's publisher queue: recording them must not
+    // hold up the next reconcile.
     let mut events: Vec<(EventType, &'static str, String)> = vec![];
     for (reason, list) in [
         ("Created", &changes.created),
@@ -580,13 +580,8 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         };
         events.push((type_, e.reason, e.message.clone()));
     }
-    if !events.is_empty() {
-        let (base, obj) = (ctx.base.clone(), md.clone());
-        tokio::spawn(async move {
-            for (type_, reason, note) in events {
-                base.distinct_event(&obj, type_, reason, "Reconcile", note).await;
-            }
-        });
+    for (type_, reason, note) in events {
+        ctx.distinct_event(md, type_, reason, "Reconcile", note).await;
     }
     ctx.reset_failures(&uid);
     let blocked = !foreign.is_empty() || planned.waiting;

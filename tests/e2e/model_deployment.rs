@@ -624,6 +624,49 @@ async fn deleting_the_model_deployment_removes_everything_it_made() -> Result<()
 }
 
 #[tokio::test]
+async fn a_service_name_held_by_someone_else_is_a_name_conflict_until_it_is_freed() -> Result<()> {
+    let admin = admin_client().await?;
+    let ns = namespace(&admin, "md-conflict").await?;
+    let services: Api<Service> = ns.api();
+    // Someone else's Service (no mlplane label, no owner) where the
+    // deployment's Service would go: the caches do not see it.
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "resnet-blue"},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 8080}]},
+    }))?;
+    services.create(&PostParams::default(), &theirs).await?;
+    let api: Api<ModelDeployment> = ns.api();
+    api.create(
+        &PostParams::default(),
+        &model_deployment("resnet", json!({"deployments": [onnx("blue", json!({}))]}))?,
+    )
+    .await?;
+    let md = wait_md(&api, "resnet", "NameConflict", |m| ready_reason(m) == "NameConflict").await?;
+    let message = condition(&status(&md), "Ready").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap_or_default()
+            .contains("Service resnet-blue already exists"),
+        "{message}"
+    );
+    assert_eq!(status(&md)["phase"], "Failed");
+    // Theirs is left as it was.
+    let live = services.get("resnet-blue").await?;
+    assert!(live.owner_references().is_empty());
+    assert_eq!(live.spec.unwrap().selector.unwrap()["app"], "theirs");
+
+    // Freed: the ModelDeployment takes the name and becomes Ready.
+    services.delete("resnet-blue", &DeleteParams::default()).await?;
+    wait_md(&api, "resnet", "Ready once the name is free", is_ready).await?;
+    let ours = services.get("resnet-blue").await?;
+    assert_eq!(ours.owner_references()[0].name, "resnet");
+    let deployments: Api<Deployment> = ns.api();
+    assert!(deployments.get_opt("resnet-blue").await?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
 async fn converged_model_deployments_cause_no_writes() -> Result<()> {
     let admin = admin_client().await?;
     let ns = namespace(&admin, "md-quiet").await?;

@@ -5,7 +5,8 @@
 //! pinning ([`resolve`]), the split rules ([`traffic`]), the child builders
 //! ([`build`]), the Gateway API types ([`gateway`]), status ([`status`]) and
 //! the plan that ties them together ([`plan`]). I/O: the watch caches
-//! ([`observe`]) and the driver ([`reconcile`]).
+//! ([`observe`]), the driver ([`reconcile`]) and the Service writes it hands
+//! off ([`services`]).
 pub mod build;
 pub mod gateway;
 pub mod observe;
@@ -13,6 +14,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod resolve;
 pub mod runtime;
+pub mod services;
 pub mod status;
 pub mod traffic;
 

@@ -122,7 +122,8 @@ pub fn controller_of<K: Resource>(obj: &K) -> String {
 /// The caches.
 pub struct Caches {
     pub deployments: ChildCache<Deployment>,
-    pub services: ChildCache<Service>,
+    /// Shared with the [`super::services::ServiceWriter`].
+    pub services: Arc<ChildCache<Service>>,
     pub autoscalers: ChildCache<HorizontalPodAutoscaler>,
     pub routes: Option<ChildCache<HTTPRoute>>,
     pub experiments: Store<Experiment>,
@@ -193,7 +194,7 @@ pub fn caches(client: &Client, routes: bool) -> (Caches, Streams) {
     (
         Caches {
             deployments: ChildCache::new(deployments),
-            services: ChildCache::new(services),
+            services: Arc::new(ChildCache::new(services)),
             autoscalers: ChildCache::new(autoscalers),
             routes: route_store.map(ChildCache::new),
             experiments,

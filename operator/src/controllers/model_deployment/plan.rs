@@ -65,6 +65,9 @@ pub struct Observed<'a> {
     pub missing_clusters: BTreeSet<String>,
     /// Child names (`Kind/name`) held by another owner, with who it is.
     pub foreign: BTreeMap<String, String>,
+    /// Names of this ModelDeployment's Services that do not exist yet
+    /// (their writes are queued: see `super::services`).
+    pub creating_services: BTreeSet<String>,
 }
 
 /// The children to apply.
@@ -355,6 +358,16 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
                     "deployment {}: {}/{} replicas available",
                     d.name, a.available, a.replicas
                 ),
+            ));
+        }
+    }
+    for svc in &children.services {
+        let n = svc.name_any();
+        if observed.creating_services.contains(&n) {
+            problems.push(Problem::new(
+                Severity::Progressing,
+                PROGRESSING,
+                format!("Service {n}: being created"),
             ));
         }
     }
@@ -670,6 +683,30 @@ mod tests {
         assert_eq!(filter["requestMirror"]["percent"], 20);
         assert_eq!(p.status.deployments[1].mirror_traffic, 20);
         assert_eq!(ready(&p).2, "effective traffic: blue 100; mirrored: green 20");
+    }
+
+    #[test]
+    fn services_being_created_keep_it_from_ready() {
+        let runtimes = RuntimeCatalog::builtin();
+        let routes = RouteSettings::default();
+        let m = with_effective(two(json!({"blue": 100})), &[("blue", 100)]);
+        let (b, g) = (live("resnet-blue", true), live("resnet-green", true));
+        let mut observed = Observed {
+            deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
+            ..Default::default()
+        };
+        let p = plan(&m, &observed, &config(&runtimes, Some(&routes)), &at(10));
+        assert_eq!(ready(&p).0, "True");
+        // The endpoint Service is still queued: not Ready, and it says why;
+        // the traffic and the other children are planned as before.
+        observed.creating_services = BTreeSet::from(["resnet".to_string(), "unrelated".to_string()]);
+        let q = plan(&m, &observed, &config(&runtimes, Some(&routes)), &at(10));
+        let (status, reason, message) = ready(&q);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Progressing"));
+        assert!(message.contains("Service resnet: being created"), "{message}");
+        assert!(!message.contains("unrelated"), "{message}");
+        assert_eq!(effective(&q), effective(&p));
+        assert_eq!(q.children.services.len(), p.children.services.len());
     }
 
     #[test]

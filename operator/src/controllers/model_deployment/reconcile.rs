@@ -4,6 +4,11 @@
 //! HTTPRoute), delete the children the spec no longer has, write status
 //! only when it changed, record events.
 //!
+//! Services are written by the [`super::services::ServiceWriter`], off the
+//! reconcile path (the API server creates them one at a time); the reconcile
+//! hands it those the cache does not show up to date and reports them as
+//! being created until they exist.
+//!
 //! Owns: Deployments, Services, HorizontalPodAutoscalers and HTTPRoutes
 //! labelled `mlplane.io/model-deployment` and controlled by a
 //! ModelDeployment. Must not touch anything else: a child name already taken
@@ -32,6 +37,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -41,15 +47,21 @@ use super::build::DEPLOYMENT_LABEL;
 use super::gateway::{API_VERSION, HTTPRoute};
 use super::observe::{Caches, ChildCache, OVERLAY_TTL, caches, controller_of, controller_uid};
 use super::plan::{Children, Config, Observed, Plan, child_keys, plan};
+use super::services::{SERVICE_WRITERS, ServiceWriter};
 use super::status::ROLLOUT_STALLED;
-use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase};
-use crate::controllers::apply::{apply_changed, patch_status_if_changed};
+use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus};
+use crate::controllers::apply::{apply_changed, contains};
+use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Error, Result, drive, error_policy, guarded_watch, watch_config};
 
 const KIND: &str = "ModelDeployment";
 /// Requeue while waiting for something the spec names (a run, a
 /// ComputeCluster, an artifact store) or for a name held by someone else.
 const BLOCKED_POLL: Duration = Duration::from_secs(15);
+/// Workers writing ModelDeployment statuses (see [`StatusWriter`]): few, so
+/// that under a flood of new ModelDeployments the API server's time goes to
+/// their Deployments first and status updates coalesce.
+const STATUS_WRITERS: usize = 2;
 /// How often `mlplane_objects{kind="ModelDeployment"}` is refreshed.
 const GAUGE_PERIOD: Duration = Duration::from_secs(15);
 
@@ -59,6 +71,10 @@ pub struct ModelDeploymentContext {
     pub caches: Caches,
     /// Whether HTTPRoutes are used (Gateway API served and not turned off).
     pub routes: bool,
+    /// Service writes, off the reconcile path.
+    pub services: ServiceWriter,
+    /// Status writes, coalesced and off the reconcile path.
+    pub status: StatusWriter<ModelDeployment, ModelDeploymentStatus>,
 }
 
 impl std::ops::Deref for ModelDeploymentContext {
@@ -124,11 +140,35 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watch_config(),
     );
+    // A new spec (generation) or a changed annotation (`mlplane.io/resolve`)
+    // is work; the controller's own status writes are not.
+    let stream = stream.predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
     let (caches, streams) = caches(&client, routes);
+    // Service writes that found a name taken, or failed, come back here.
+    let (trigger, triggered) = futures::channel::mpsc::unbounded();
+    let services = ServiceWriter::start(
+        ctx.clone(),
+        caches.services.clone(),
+        trigger,
+        SERVICE_WRITERS,
+        stop.clone(),
+    );
+    let writer_client = client.clone();
+    let status = StatusWriter::start(
+        move |key| Api::namespaced(writer_client.clone(), key.namespace.as_deref().unwrap_or_default()),
+        ctx.metrics.clone(),
+        STATUS_WRITERS,
+        stop.clone(),
+    );
     let mctx = Arc::new(ModelDeploymentContext {
         base: ctx,
         caches,
         routes,
+        services,
+        status,
     });
     // Workspaces and ComputeClusters only fill caches (what waits on them is
     // polled, see BLOCKED_POLL).
@@ -139,6 +179,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::spawn(refresh_phase_gauge(mctx.clone(), store.clone(), stop.clone()));
     let by_experiment = store.clone();
     let mut controller = Controller::for_stream(stream, store)
+        .reconcile_on(triggered)
         .owns_stream(streams.deployments)
         .owns_stream(streams.services)
         .owns_stream(streams.autoscalers)
@@ -186,7 +227,7 @@ async fn refresh_phase_gauge(
 
 /// Whether a write failed because its namespace is being deleted, or is
 /// gone (its ModelDeployments go with it: nothing to retry).
-fn namespace_terminating(e: &Error) -> bool {
+pub(super) fn namespace_terminating(e: &Error) -> bool {
     let Error::Kube(kube::Error::Api(s)) = e else {
         return false;
     };
@@ -235,7 +276,7 @@ struct Changes {
 }
 
 /// What writing one child did.
-enum Synced {
+pub(super) enum Synced {
     Unchanged,
     Created,
     Updated,
@@ -248,7 +289,13 @@ enum Synced {
 /// comes from the cache (with this process's writes laid over); when that has
 /// nothing, from a GET: the object may be ours and not cached yet, or
 /// someone else's, which is never taken over.
-async fn sync_child<K>(api: &Api<K>, cache: &ChildCache<K>, desired: &K, uid: &str, kind: &str) -> Result<Synced>
+pub(super) async fn sync_child<K>(
+    api: &Api<K>,
+    cache: &ChildCache<K>,
+    desired: &K,
+    uid: &str,
+    kind: &str,
+) -> Result<Synced>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
@@ -283,8 +330,9 @@ struct Apis {
     routes: Api<HTTPRoute>,
 }
 
-/// Writes every child that changed, all at once. Returns the names taken by
-/// others (`Kind/name` -> their controller).
+/// Writes every child that changed, all at once, Services aside (see
+/// [`services_to_write`]). Returns the names taken by others (`Kind/name` ->
+/// their controller).
 async fn sync_children(
     ctx: &ModelDeploymentContext,
     apis: &Apis,
@@ -293,7 +341,7 @@ async fn sync_children(
     changes: &mut Changes,
 ) -> Result<BTreeMap<String, String>> {
     let caches = &ctx.caches;
-    let (deployments, services, autoscalers, route) = futures::try_join!(
+    let (deployments, autoscalers, route) = futures::try_join!(
         try_join_all(c.deployments.iter().map(|d| sync_child(
             &apis.deployments,
             &caches.deployments,
@@ -301,11 +349,6 @@ async fn sync_children(
             uid,
             "Deployment"
         ))),
-        try_join_all(
-            c.services
-                .iter()
-                .map(|s| sync_child(&apis.services, &caches.services, s, uid, "Service"))
-        ),
         try_join_all(c.autoscalers.iter().map(|a| sync_child(
             &apis.autoscalers,
             &caches.autoscalers,
@@ -325,13 +368,12 @@ async fn sync_children(
         |kind: &str, objs: Vec<String>| objs.into_iter().map(move |n| format!("{kind}/{n}")).collect::<Vec<_>>();
     let keys = named("Deployment", c.deployments.iter().map(|o| o.name_any()).collect())
         .into_iter()
-        .chain(named("Service", c.services.iter().map(|o| o.name_any()).collect()))
         .chain(named(
             "HorizontalPodAutoscaler",
             c.autoscalers.iter().map(|o| o.name_any()).collect(),
         ))
         .chain(named("HTTPRoute", c.route.iter().map(|o| o.name_any()).collect()));
-    let results = deployments.into_iter().chain(services).chain(autoscalers).chain(route);
+    let results = deployments.into_iter().chain(autoscalers).chain(route);
     for (key, synced) in keys.zip(results) {
         match synced {
             Synced::Unchanged => {}
@@ -392,6 +434,25 @@ fn names<K: Resource>(objs: &[K]) -> BTreeSet<String> {
     objs.iter().filter_map(|o| o.meta().name.clone()).collect()
 }
 
+/// The Services of `c` that the cache does not show up to date (absent,
+/// or lacking a desired field): the ones to hand to the writer.
+fn services_to_write(cache: &ChildCache<Service>, c: &Children, uid: &str) -> Vec<Service> {
+    c.services
+        .iter()
+        .filter(|s| {
+            let live = cache.get(&s.namespace().unwrap_or_default(), &s.name_any());
+            !live.is_some_and(|l| {
+                controller_uid(&l) == Some(uid)
+                    && matches!(
+                        (serde_json::to_value(&l), serde_json::to_value(s)),
+                        (Ok(l), Ok(d)) if contains(&l, &d)
+                    )
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// Observed state of `md` from the caches, with `foreign` child names.
 fn observe<'a>(
     md: &ModelDeployment,
@@ -400,6 +461,7 @@ fn observe<'a>(
     experiments: &'a BTreeMap<String, Arc<crate::api::Experiment>>,
     workspace: Option<&'a crate::api::Workspace>,
     foreign: BTreeMap<String, String>,
+    creating_services: &BTreeSet<String>,
 ) -> Observed<'a> {
     let storage = workspace.and_then(|w| w.spec.storage.as_ref());
     Observed {
@@ -417,6 +479,7 @@ fn observe<'a>(
             .filter(|cc| !ctx.caches.cluster_exists(cc))
             .collect(),
         foreign,
+        creating_services: creating_services.clone(),
     }
 }
 
@@ -428,6 +491,19 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         return Ok(Action::await_change());
     }
     ctx.caches.ready().await;
+    // The status the plan starts from: the last one this process wrote (or
+    // queued), where the cache does not show it yet.
+    let status_key = StatusKey::of(md);
+    let current = ctx.status.current(&status_key, md.status.as_ref());
+    let with_current;
+    let md = if current.as_ref() != md.status.as_ref() {
+        let mut m = md.clone();
+        m.status = current;
+        with_current = m;
+        &with_current
+    } else {
+        md
+    };
     let client = &ctx.client;
     let ns = md.namespace().unwrap_or_default();
     let name = md.name_any();
@@ -476,6 +552,14 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
             foreign.insert(key, who);
         }
     }
+    // Names the Service writer found held by an owner the cache does not show.
+    foreign.extend(ctx.services.taken(md));
+    let creating_services: BTreeSet<String> = child_keys(md)
+        .iter()
+        .filter_map(|k| k.strip_prefix("Service/"))
+        .filter(|n| ctx.caches.services.get(&ns, n).is_none())
+        .map(String::from)
+        .collect();
     let experiments: BTreeMap<String, Arc<crate::api::Experiment>> = md
         .spec
         .deployments
@@ -511,6 +595,7 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
             &experiments,
             workspace.as_deref(),
             foreign.clone(),
+            &creating_services,
         );
         plan(md, &observed, &config, &now)
     };
@@ -523,6 +608,10 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
         sync_children(ctx, &apis, &planned.children, &uid, &mut changes).await?;
     }
     let c = &planned.children;
+    let stale = services_to_write(&ctx.caches.services, c, &uid);
+    if !stale.is_empty() {
+        ctx.services.submit(md, stale);
+    }
 
     // Orphans: children of deployments gone from the spec, autoscalers of
     // deployments no longer autoscaled.
@@ -551,8 +640,8 @@ pub async fn reconcile(md: &ModelDeployment, ctx: &ModelDeploymentContext) -> Re
     }
 
     // Status, then events.
-    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
-    patch_status_if_changed(&mds, &name, md.status.as_ref(), &planned.status).await?;
+    ctx.status
+        .submit_if_changed(status_key, md.status.as_ref(), &planned.status);
     // Events go to the Context's publisher queue: recording them must not
     // hold up the next reconcile.
     let mut events: Vec<(EventType, &'static str, String)> = vec![];

@@ -30,6 +30,12 @@ pub fn contains(live: &Value, desired: &Value) -> bool {
     }
 }
 
+/// Whether `live` already has every field `desired` sets ([`contains`] of
+/// their JSON): applying `desired` would change nothing.
+pub fn up_to_date<K: Serialize>(live: &K, desired: &K) -> serde_json::Result<bool> {
+    Ok(contains(&serde_json::to_value(live)?, &serde_json::to_value(desired)?))
+}
+
 fn is_empty_collection(v: &Value) -> bool {
     matches!(v, Value::Array(a) if a.is_empty()) || matches!(v, Value::Object(o) if o.is_empty())
 }
@@ -49,12 +55,10 @@ pub async fn apply_changed<K>(api: &Api<K>, live: Option<&K>, desired: &K) -> ku
 where
     K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
 {
-    if let Some(live) = live {
-        let l = serde_json::to_value(live).map_err(kube::Error::SerdeError)?;
-        let d = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
-        if contains(&l, &d) {
-            return Ok(None);
-        }
+    if let Some(live) = live
+        && up_to_date(live, desired).map_err(kube::Error::SerdeError)?
+    {
+        return Ok(None);
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Ok(Some(api.patch(&desired.name_any(), &pp, &Patch::Apply(desired)).await?))

@@ -50,7 +50,7 @@ use super::plan::{Children, Config, Observed, Plan, child_keys, plan};
 use super::services::{SERVICE_WRITERS, ServiceWriter};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus};
-use crate::controllers::apply::{apply_changed, contains};
+use crate::controllers::apply::{apply_changed, up_to_date};
 use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Error, Result, drive, error_policy, guarded_watch, watch_config};
 
@@ -441,13 +441,7 @@ fn services_to_write(cache: &ChildCache<Service>, c: &Children, uid: &str) -> Ve
         .iter()
         .filter(|s| {
             let live = cache.get(&s.namespace().unwrap_or_default(), &s.name_any());
-            !live.is_some_and(|l| {
-                controller_uid(&l) == Some(uid)
-                    && matches!(
-                        (serde_json::to_value(&l), serde_json::to_value(s)),
-                        (Ok(l), Ok(d)) if contains(&l, &d)
-                    )
-            })
+            !live.is_some_and(|l| controller_uid(&l) == Some(uid) && up_to_date(&l, *s).unwrap_or(false))
         })
         .cloned()
         .collect()

@@ -22,8 +22,8 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
@@ -116,6 +116,21 @@ where
             shared,
             _kind: PhantomData,
         }
+    }
+
+    /// [`Self::start`] for a namespaced kind: each object's API is its
+    /// namespace's.
+    pub fn start_namespaced(client: &Client, metrics: Metrics, workers: usize, stop: CancellationToken) -> Self
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        let client = client.clone();
+        Self::start(
+            move |key| Api::namespaced(client.clone(), key.namespace.as_deref().unwrap_or_default()),
+            metrics,
+            workers,
+            stop,
+        )
     }
 
     /// The status to compare a newly computed one against (see the module docs).

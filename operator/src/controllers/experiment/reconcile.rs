@@ -111,13 +111,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         Default::default(),
     );
     let (caches, streams) = caches(&client, EXPERIMENT_LABEL);
-    let writer_client = client.clone();
-    let status = StatusWriter::start(
-        move |key| Api::namespaced(writer_client.clone(), key.namespace.as_deref().unwrap_or_default()),
-        ctx.metrics.clone(),
-        STATUS_WRITERS,
-        stop.clone(),
-    );
+    let status = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), STATUS_WRITERS, stop.clone());
     let ectx = Arc::new(ExperimentContext {
         base: ctx,
         caches,

@@ -102,15 +102,9 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         Default::default(),
     );
     let (caches, streams) = caches(&client, PIPELINE_LABEL);
-    let writer_client = client.clone();
     // Pipelines write their status on the reconcile's task (write_now);
     // the one worker only retries.
-    let statuses = StatusWriter::start(
-        move |key| Api::namespaced(writer_client.clone(), key.namespace.as_deref().unwrap_or_default()),
-        ctx.metrics.clone(),
-        1,
-        stop.clone(),
-    );
+    let statuses = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), 1, stop.clone());
     let pctx = Arc::new(PipelineContext {
         base: ctx,
         caches,

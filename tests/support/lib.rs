@@ -608,6 +608,32 @@ impl Operator {
         Ok(n)
     }
 
+    /// The operator's API requests as "verb resource: count", largest
+    /// first (Lease renewals aside), at most `top` of them.
+    pub fn requests_by_resource(&self, top: usize) -> Result<String> {
+        let text = self.get("/metrics")?;
+        let mut by_resource: Vec<(String, f64)> = text
+            .lines()
+            .filter(|l| l.starts_with("mlplane_kube_api_requests_total{"))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let label = |k: &str| {
+                    series
+                        .split(&format!("{k}=\""))
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                Some((format!("{} {}", label("verb"), label("resource")), value.parse().ok()?))
+            })
+            .filter(|(k, _)| !k.ends_with(" leases"))
+            .collect();
+        by_resource.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<String> = by_resource.iter().take(top).map(|(k, v)| format!("{k}: {v}")).collect();
+        Ok(top.join(", "))
+    }
+
     /// Whether this replica reports holding the leader Lease.
     pub fn is_leader(&self) -> bool {
         self.metric("mlplane_leader", &[]).map(|v| v == 1.0).unwrap_or(false)

@@ -164,6 +164,7 @@ async fn main() -> Result<()> {
     let mean_create_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "create")]);
     let mean_patch_ms = mean("mlplane_kube_api_request_duration_seconds", &[("verb", "patch")]);
     let mean_reconcile_ms = mean("mlplane_reconcile_duration_seconds", &[("kind", "Experiment")]);
+    let burst_requests = op.requests_by_resource(12)?;
 
     // Convergence: the scheduler has looked at every run pod (bound, or
     // marked unschedulable: the benchmark's pods outnumber the nodes), so
@@ -230,6 +231,7 @@ async fn main() -> Result<()> {
     println!("{:<44} {:>10.1}", "  mean reconcile duration (ms)", mean_reconcile_ms);
     println!("{:<44} {:>10.1}", "  mean API create latency (ms)", mean_create_ms);
     println!("{:<44} {:>10.1}", "  mean API patch latency (ms)", mean_patch_ms);
+    println!("  requests until then: {burst_requests}");
     println!("{:<44} {:>10.3}", "CPU ms per reconcile", cpu_per_reconcile_ms);
     println!("{:<44} {:>10.1}", "operator peak RSS (MiB)", hwm_kib as f64 / 1024.0);
     println!(

@@ -232,28 +232,7 @@ async fn main() -> Result<()> {
         format!("reconciles in those {idle_secs} idle s"),
         idle_reconciles
     );
-    // Where the writes went (verb resource: count), largest first.
-    let metrics = op.get("/metrics")?;
-    let mut by_resource: Vec<(String, f64)> = metrics
-        .lines()
-        .filter(|l| l.starts_with("mlplane_kube_api_requests_total{"))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let label = |k: &str| {
-                series
-                    .split(&format!("{k}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            Some((format!("{} {}", label("verb"), label("resource")), value.parse().ok()?))
-        })
-        .filter(|(k, _)| !k.ends_with(" leases"))
-        .collect();
-    by_resource.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let top: Vec<String> = by_resource.iter().take(12).map(|(k, v)| format!("{k}: {v}")).collect();
-    println!("requests by verb and resource: {}", top.join(", "));
+    println!("requests by verb and resource: {}", op.requests_by_resource(12)?);
     println!(
         "rate mlplane/direct = {ratio:.2} (goal >= 0.8: {}); idle writes {idle_writes} (goal 0: {})",
         if ratio >= 0.8 { "met" } else { "NOT met" },

@@ -344,10 +344,14 @@ pub fn watch_config() -> watcher::Config {
 
 /// Runs every controller until `stop` is cancelled.
 pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
+    // The cluster-wide pod and run Job caches: the ComputeCluster
+    // controller's, also read by the Workspace controller for usage.
+    let (cluster, cluster_streams) = compute_cluster::observe::caches(&ctx.client);
+    let cluster = Arc::new(cluster);
     tokio::join!(
-        workspace::run(ctx.clone(), stop.clone().cancelled_owned()),
+        workspace::run(ctx.clone(), cluster.clone(), stop.clone().cancelled_owned()),
         experiment::run(ctx.clone(), stop.clone()),
-        compute_cluster::run(ctx.clone(), stop.clone()),
+        compute_cluster::run(ctx.clone(), cluster, cluster_streams, stop.clone()),
         data_asset::run(ctx.clone(), stop.clone()),
         pipeline::run(ctx.clone(), stop.clone()),
         model_deployment::run(ctx.clone(), stop.clone()),

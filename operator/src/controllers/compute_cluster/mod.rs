@@ -43,14 +43,15 @@ use super::status_writer::StatusWriter;
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::api::ComputeCluster;
 
-/// Runs the controller until `stop` is cancelled.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+/// Runs the controller until `stop` is cancelled. `caches` and `streams`
+/// come from [`observe::caches`]: the controller polls the streams, and
+/// others (the Workspace controller's usage) may read the caches.
+pub async fn run(ctx: Arc<Context>, caches: Arc<observe::Caches>, streams: observe::Streams, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(
         Api::<DeserializeGuard<ComputeCluster>>::all(client.clone()),
         watch_config(),
     );
-    let (caches, streams) = observe::caches(&client);
     let (trigger, triggered) = futures::channel::mpsc::unbounded();
     let nodes = caches.nodes.clone();
     let status_client = ctx.client.clone();

@@ -111,7 +111,7 @@ pub struct Memory {
 /// The ComputeCluster controller's context.
 pub struct ClusterContext {
     pub base: Arc<Context>,
-    pub caches: Caches,
+    pub caches: Arc<Caches>,
     pub clusters: Store<DeserializeGuard<ComputeCluster>>,
     /// One pass at a time plans and admits.
     pub admission: tokio::sync::Mutex<()>,

@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 
 use self::build::*;
 use super::apply::{apply_if_changed, patch_status_if_changed};
+use super::compute_cluster::observe::Caches as ClusterCaches;
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::api::{
     DeletionPolicy, NewCondition, READY, Workspace, WorkspacePhase, WorkspaceStatus, WorkspaceUsage, set_condition,
@@ -37,9 +38,29 @@ const KIND: &str = "Workspace";
 /// Finalizer that deletes the namespace under deletionPolicy Delete.
 pub const FINALIZER: &str = "mlplane.io/workspace-cleanup";
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+/// The Workspace controller's context: the shared one plus the
+/// cluster-wide pod and run Job caches that usage is counted from.
+pub struct WorkspaceContext {
+    pub base: Arc<Context>,
+    pub cluster: Arc<ClusterCaches>,
+}
+
+impl std::ops::Deref for WorkspaceContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.base
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. `cluster`: the
+/// ComputeCluster controller's caches (it polls their streams).
+pub async fn run(
+    ctx: Arc<Context>,
+    cluster: Arc<ClusterCaches>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
+    let wctx = Arc::new(WorkspaceContext { base: ctx, cluster });
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Workspace>>::all(client.clone()), watch_config());
     let children = watcher::Config::default().labels(WORKSPACE_LABEL).timeout(200);
     // Children live in the workspace namespace while the Workspace is
@@ -67,9 +88,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .watches_stream(child_stream!(Secret), by_label)
         .watches_stream(child_stream!(NetworkPolicy), by_label)
         .watches_stream(child_stream!(PersistentVolumeClaim), by_label)
-        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
+        .with_config(kube::runtime::controller::Config::default().concurrency(wctx.settings.concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_guarded, guarded_error_policy, ctx)
+        .run(reconcile_guarded, guarded_error_policy, wctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "workspace controller stream error");
@@ -78,7 +99,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-async fn reconcile_guarded(obj: Arc<DeserializeGuard<Workspace>>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile_guarded(obj: Arc<DeserializeGuard<Workspace>>, ctx: Arc<WorkspaceContext>) -> Result<Action> {
     match &obj.0 {
         Ok(ws) => reconcile(ws, &ctx).await,
         Err(invalid) => {
@@ -93,7 +114,7 @@ async fn reconcile_guarded(obj: Arc<DeserializeGuard<Workspace>>, ctx: Arc<Conte
     }
 }
 
-fn guarded_error_policy(obj: Arc<DeserializeGuard<Workspace>>, err: &Error, ctx: Arc<Context>) -> Action {
+fn guarded_error_policy(obj: Arc<DeserializeGuard<Workspace>>, err: &Error, ctx: Arc<WorkspaceContext>) -> Action {
     match &obj.0 {
         Ok(ws) => error_policy(ws, err, &ctx),
         Err(_) => Action::await_change(),
@@ -108,7 +129,7 @@ where
 }
 
 /// One reconcile of a Workspace.
-pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
+pub async fn reconcile(ws: &Workspace, ctx: &WorkspaceContext) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let client = &ctx.client;
     let name = ws.name_any();
@@ -239,7 +260,14 @@ pub async fn reconcile(ws: &Workspace, ctx: &Context) -> Result<Action> {
     }
 
     // Status from what was applied, plus usage of the namespace.
-    status.usage = Some(usage(ctx, &ns_name).await?);
+    // From the caches, once they have listed (before that, a namespace
+    // would look empty).
+    ctx.cluster.ready().await;
+    status.usage = Some(usage(
+        ctx.cluster.pods.state().iter().map(|p| &**p),
+        ctx.cluster.jobs.state().iter().map(|j| &**j),
+        &ns_name,
+    ));
     status.namespace = Some(ns_name.clone());
     status.phase = Some(WorkspacePhase::Active);
     status.observed_generation = generation;
@@ -367,11 +395,11 @@ async fn finalize(
     Ok(Action::await_change())
 }
 
-/// Requests of the namespace's running pods and its active run Jobs.
-async fn usage(ctx: &Context, ns: &str) -> Result<WorkspaceUsage> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+/// Requests of the namespace's unfinished pods and its active run Jobs
+/// (neither Complete nor Failed). `pods` and `jobs` may span namespaces.
+fn usage<'a>(pods: impl Iterator<Item = &'a Pod>, jobs: impl Iterator<Item = &'a Job>, ns: &str) -> WorkspaceUsage {
     let (mut cpu, mut mem, mut gpu) = (0.0, 0.0, 0.0);
-    for p in pods.list(&ListParams::default()).await?.items {
+    for p in pods.filter(|p| p.metadata.namespace.as_deref() == Some(ns)) {
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             continue;
@@ -386,24 +414,73 @@ async fn usage(ctx: &Context, ns: &str) -> Result<WorkspaceUsage> {
             gpu += get("nvidia.com/gpu").map(quantity::value).unwrap_or(0.0);
         }
     }
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let active_runs = jobs
-        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
-        .await?
-        .items
-        .iter()
-        .filter(|j| j.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_none())
+        .filter(|j| j.metadata.namespace.as_deref() == Some(ns))
         .filter(|j| {
-            !j.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+            !j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            })
         })
         .count();
-    Ok(WorkspaceUsage {
+    WorkspaceUsage {
         cpu: Some(quantity::format_cpu(cpu)),
         memory: Some(quantity::format_bytes(mem)),
         gpu: gpu.round() as i64,
         active_runs: active_runs as i32,
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(ns: &str, phase: &str, cpu: &str, gpu: Option<&str>) -> Pod {
+        let mut requests = json!({"cpu": cpu, "memory": "1Gi"});
+        if let Some(g) = gpu {
+            requests["nvidia.com/gpu"] = json!(g);
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": ns},
+            "spec": {"containers": [{"name": "c", "resources": {"requests": requests}}]},
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    fn job(ns: &str, condition: Option<&str>) -> Job {
+        let conditions: Vec<_> = condition
+            .into_iter()
+            .map(|t| json!({"type": t, "status": "True"}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": "j", "namespace": ns},
+            "status": {"conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn usage_counts_unfinished_pods_and_active_runs_of_the_namespace_only() {
+        let pods = [
+            pod("team", "Running", "500m", Some("1")),
+            pod("team", "Pending", "1", None),
+            pod("team", "Succeeded", "4", Some("2")),
+            pod("team", "Failed", "4", None),
+            pod("other", "Running", "8", Some("4")),
+        ];
+        let jobs = [
+            job("team", None),
+            job("team", Some("Complete")),
+            job("team", Some("Failed")),
+            job("team", Some("Suspended")),
+            job("other", None),
+        ];
+        let u = usage(pods.iter(), jobs.iter(), "team");
+        assert_eq!(u.cpu.map(|q| q.0).as_deref(), Some("1500m"));
+        assert_eq!(u.memory.map(|q| q.0).as_deref(), Some("2Gi"));
+        assert_eq!(u.gpu, 1);
+        assert_eq!(u.active_runs, 2, "the plain and the suspended Job");
+    }
 }

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod compute_cluster;
 pub mod data_asset;
 pub mod experiment;
+pub mod label_index;
 pub mod model_deployment;
 pub mod pinning;
 pub mod pipeline;

@@ -20,10 +20,10 @@
 //! stands in for the cached one. An entry is dropped once the cache has
 //! caught up, or after [`OVERLAY_TTL`] (a Job deleted meanwhile).
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::Api;
@@ -33,6 +33,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::{ComputeCluster, DataAsset, Workspace};
+use crate::controllers::label_index::LabelIndex;
 use crate::controllers::run::build::RUN_LABEL;
 use crate::controllers::watch_config;
 
@@ -127,7 +128,11 @@ pub struct Caches {
     /// The label naming the parent of the cached Jobs and pods.
     pub parent_label: &'static str,
     pub jobs: Store<Job>,
+    /// The cached Jobs by parent label value.
+    job_index: Arc<LabelIndex>,
     pub pods: Store<Pod>,
+    /// The cached pods by run (Job) name.
+    pod_index: Arc<LabelIndex>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
     pub data_assets: Store<DataAsset>,
@@ -168,15 +173,20 @@ where
 pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) {
     let labelled = watch_config().labels(parent_label);
     let (jobs, jobs_w) = reflector::store();
+    let job_index = LabelIndex::new(parent_label);
+    let (index, store) = (job_index.clone(), jobs.clone());
     let job_stream = watcher(Api::<Job>::all(client.clone()), labelled.clone())
         .default_backoff()
         .modify(slim_job)
         .reflect(jobs_w)
+        .inspect_ok(move |ev| index.observe(ev, &store))
         .touched_objects()
         .predicate_filter(job_summary, Default::default())
         .boxed();
     // Run status reads pod status only: the spec stays out of memory.
     let (pods, pods_w) = reflector::store();
+    let pod_index = LabelIndex::new(RUN_LABEL);
+    let (index, store) = (pod_index.clone(), pods.clone());
     let pod_stream = watcher(Api::<Pod>::all(client.clone()), labelled)
         .default_backoff()
         .modify(|p| {
@@ -184,6 +194,7 @@ pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) 
             p.spec = None;
         })
         .reflect(pods_w)
+        .inspect_ok(move |ev| index.observe(ev, &store))
         .touched_objects()
         .predicate_filter(pod_summary, Default::default())
         .boxed();
@@ -210,7 +221,9 @@ pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) 
         Caches {
             parent_label,
             jobs,
+            job_index,
             pods,
+            pod_index,
             namespaces,
             clusters,
             data_assets,
@@ -259,13 +272,13 @@ impl Caches {
         let label = crate::controllers::run::names::label_value(name);
         let parent_label = self.parent_label;
         let belongs = |j: &Job| {
-            j.namespace().as_deref() == Some(ns)
+            j.metadata.namespace.as_deref() == Some(ns)
                 && j.labels().get(parent_label) == Some(&label)
                 && j.owner_references().iter().any(|o| o.uid == uid)
         };
         let cached: Vec<Job> = self
-            .jobs
-            .state()
+            .job_index
+            .get(&self.jobs, ns, &label)
             .iter()
             .filter(|j| belongs(j))
             .map(|j| Job::clone(j))
@@ -275,18 +288,13 @@ impl Caches {
 
     /// Cached pods of the runs (Job names) `runs` in `ns`, by run.
     pub fn pods_of(&self, ns: &str, runs: &[String]) -> HashMap<String, Vec<Pod>> {
-        let mut by_run: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in self.pods.state() {
-            if p.namespace().as_deref() != Some(ns) {
-                continue;
-            }
-            if let Some(run) = p.labels().get(RUN_LABEL)
-                && runs.contains(run)
-            {
-                by_run.entry(run.clone()).or_default().push(Pod::clone(&p));
-            }
-        }
-        by_run
+        runs.iter()
+            .map(|run| {
+                let pods = self.pod_index.get(&self.pods, ns, run);
+                (run.clone(), pods.iter().map(|p| Pod::clone(p)).collect::<Vec<_>>())
+            })
+            .filter(|(_, pods)| !pods.is_empty())
+            .collect()
     }
 
     /// Whether the namespace is gone or being deleted.
@@ -317,7 +325,7 @@ impl Caches {
 
     /// The Workspace whose namespace is `ns`.
     pub fn workspace_of(&self, ns: &str) -> Option<std::sync::Arc<Workspace>> {
-        self.workspaces.state().into_iter().find(|w| w.target_namespace() == ns)
+        self.workspaces.find(|w| w.target_namespace() == ns)
     }
 }
 

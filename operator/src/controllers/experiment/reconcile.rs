@@ -82,6 +82,12 @@ const BLOCKED_POLL: Duration = Duration::from_secs(15);
 /// under a flood of new Experiments the API server's time goes to their Jobs
 /// first and status updates coalesce.
 const STATUS_WRITERS: usize = 2;
+/// How long an Experiment's reconcile waits for its triggers to settle: a
+/// new run's Job and pod go through 4 to 6 watch events in their first
+/// second (created, started, scheduled, running), and each would otherwise
+/// be its own reconcile. Like the Job controller's 1 s batching of pod
+/// updates, at the cost of this much latency on every change.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(500);
 /// Requeue while trials are evaluated for early termination.
 const EARLY_TERMINATION_POLL: Duration = Duration::from_secs(2);
 
@@ -136,7 +142,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 .owner_of_pod::<Experiment>(&pod)
                 .map(|r| ObjectRef::new(&r.name).within(r.namespace.as_deref().unwrap_or_default()))
         })
-        .with_config(kube::runtime::controller::Config::default().concurrency(ectx.settings.concurrency))
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(ectx.settings.concurrency)
+                .debounce(RECONCILE_DEBOUNCE),
+        )
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile_guarded, guarded_error_policy, ectx)
         .for_each(|res| async move {

@@ -62,6 +62,11 @@ const BLOCKED_POLL: Duration = Duration::from_secs(15);
 /// that under a flood of new ModelDeployments the API server's time goes to
 /// their Deployments first and status updates coalesce.
 const STATUS_WRITERS: usize = 2;
+/// How long a ModelDeployment's reconcile waits for its triggers to
+/// settle: a new deployment's Deployment, Service and route go through a
+/// burst of watch events as they are created and roll out, and each would
+/// otherwise be its own reconcile (and status write).
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(500);
 /// How often `mlplane_objects{kind="ModelDeployment"}` is refreshed.
 const GAUGE_PERIOD: Duration = Duration::from_secs(15);
 
@@ -184,7 +189,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         controller = controller.owns_stream(routes);
     }
     controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(mctx.settings.concurrency))
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(mctx.settings.concurrency)
+                .debounce(RECONCILE_DEBOUNCE),
+        )
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile_guarded, guarded_error_policy, mctx)
         .for_each(|res| async move {

@@ -64,21 +64,41 @@ struct Written {
     at: Instant,
 }
 
-/// The controller's own Job writes not yet seen in the cache, by namespace
-/// and name.
-#[derive(Default)]
+/// The controller's own Job writes not yet seen in the cache, grouped by
+/// namespace and parent label value (a reconcile looks at its own group
+/// only: under a burst of new runs the overlay holds a write per run), then
+/// by name.
 pub struct Overlay {
-    entries: Mutex<HashMap<(String, String), Written>>,
+    parent_label: &'static str,
+    entries: Mutex<OverlayEntries>,
+}
+
+#[derive(Default)]
+struct OverlayEntries {
+    groups: HashMap<(String, String), HashMap<String, Written>>,
+    /// When entries past [`OVERLAY_TTL`] were last dropped from every group.
+    swept: Option<Instant>,
 }
 
 impl Overlay {
+    /// An overlay of Jobs whose parent is named by `parent_label`.
+    pub fn new(parent_label: &'static str) -> Self {
+        Self {
+            parent_label,
+            entries: Mutex::default(),
+        }
+    }
+
     /// Remembers a Job the API server returned for a write of ours.
     pub fn record(&self, job: &Job, expect: Expect) {
-        let key = (job.namespace().unwrap_or_default(), job.name_any());
+        let group = (
+            job.metadata.namespace.clone().unwrap_or_default(),
+            job.labels().get(self.parent_label).cloned().unwrap_or_default(),
+        );
         let mut entries = self.entries.lock().expect("overlay lock");
         // A second write to the same Job: its answer includes the first.
-        entries.insert(
-            key,
+        entries.groups.entry(group).or_default().insert(
+            job.name_any(),
             Written {
                 job: job.clone(),
                 expect,
@@ -87,14 +107,30 @@ impl Overlay {
         );
     }
 
-    /// `cached` (the Jobs of one experiment in `ns`) with this process's
-    /// writes laid over; `belongs` tells whether a written Job is one of them.
-    pub fn merge(&self, ns: &str, mut cached: Vec<Job>, belongs: impl Fn(&Job) -> bool) -> Vec<Job> {
+    /// `cached` (the Jobs in `ns` whose parent label is `label`, of one
+    /// parent) with this process's writes laid over; `belongs` tells whether
+    /// a written Job is one of them.
+    pub fn merge(&self, ns: &str, label: &str, mut cached: Vec<Job>, belongs: impl Fn(&Job) -> bool) -> Vec<Job> {
         let mut entries = self.entries.lock().expect("overlay lock");
         let now = Instant::now();
-        entries.retain(|_, w| now.duration_since(w.at) < OVERLAY_TTL);
-        entries.retain(|(wns, name), w| {
-            if wns != ns || !belongs(&w.job) {
+        // Expired entries of groups never looked at again go too, at most
+        // once per TTL.
+        if entries.swept.is_none_or(|at| now.duration_since(at) >= OVERLAY_TTL) {
+            entries.groups.retain(|_, g| {
+                g.retain(|_, w| now.duration_since(w.at) < OVERLAY_TTL);
+                !g.is_empty()
+            });
+            entries.swept = Some(now);
+        }
+        let key = (ns.to_string(), label.to_string());
+        let Some(group) = entries.groups.get_mut(&key) else {
+            return cached;
+        };
+        group.retain(|name, w| {
+            if now.duration_since(w.at) >= OVERLAY_TTL {
+                return false;
+            }
+            if !belongs(&w.job) {
                 return true;
             }
             match cached.iter_mut().find(|j| j.metadata.name.as_deref() == Some(name)) {
@@ -109,12 +145,21 @@ impl Overlay {
                 }
             }
         });
+        if group.is_empty() {
+            entries.groups.remove(&key);
+        }
         cached
     }
 
     /// Entries held (for tests and debugging).
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("overlay lock").len()
+        self.entries
+            .lock()
+            .expect("overlay lock")
+            .groups
+            .values()
+            .map(HashMap::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -228,7 +273,7 @@ pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) 
             clusters,
             data_assets,
             workspaces,
-            overlay: Overlay::default(),
+            overlay: Overlay::new(parent_label),
             ready: tokio::sync::watch::Sender::new(false),
         },
         Streams {
@@ -283,7 +328,7 @@ impl Caches {
             .filter(|j| belongs(j))
             .map(|j| Job::clone(j))
             .collect();
-        self.overlay.merge(ns, cached, belongs)
+        self.overlay.merge(ns, &label, cached, belongs)
     }
 
     /// Cached pods of the runs (Job names) `runs` in `ns`, by run.
@@ -441,29 +486,30 @@ mod tests {
 
     #[test]
     fn a_created_job_missing_from_the_cache_is_added_until_seen() {
-        let overlay = Overlay::default();
+        let overlay = Overlay::new(crate::controllers::run::build::EXPERIMENT_LABEL);
         overlay.record(&job("e-1", json!({})), Expect::Exists);
-        let merged = overlay.merge("ns", vec![], |_| true);
+        let merged = overlay.merge("ns", "e", vec![], |_| true);
         assert_eq!(merged.len(), 1);
         assert_eq!(overlay.len(), 1);
         // The cache caught up: the entry goes.
-        let merged = overlay.merge("ns", vec![job("e-1", json!({}))], |_| true);
+        let merged = overlay.merge("ns", "e", vec![job("e-1", json!({}))], |_| true);
         assert_eq!(merged.len(), 1);
         assert!(overlay.is_empty());
     }
 
     #[test]
     fn an_annotation_write_replaces_a_stale_cached_copy() {
-        let overlay = Overlay::default();
+        let overlay = Overlay::new(crate::controllers::run::build::EXPERIMENT_LABEL);
         overlay.record(
             &job("e-1", json!({"mlplane.io/result": "{}"})),
             Expect::Annotation("mlplane.io/result"),
         );
-        let merged = overlay.merge("ns", vec![job("e-1", json!({}))], |_| true);
+        let merged = overlay.merge("ns", "e", vec![job("e-1", json!({}))], |_| true);
         assert!(merged[0].annotations().contains_key("mlplane.io/result"));
         assert_eq!(overlay.len(), 1);
         let merged = overlay.merge(
             "ns",
+            "e",
             vec![job("e-1", json!({"mlplane.io/result": "{}", "x": "y"}))],
             |_| true,
         );
@@ -543,10 +589,14 @@ mod tests {
 
     #[test]
     fn writes_of_other_experiments_and_namespaces_are_left_alone() {
-        let overlay = Overlay::default();
+        let overlay = Overlay::new(crate::controllers::run::build::EXPERIMENT_LABEL);
         overlay.record(&job("e-1", json!({})), Expect::Exists);
-        assert!(overlay.merge("other", vec![], |_| true).is_empty());
-        assert!(overlay.merge("ns", vec![], |_| false).is_empty());
+        assert!(overlay.merge("other", "e", vec![], |_| true).is_empty());
+        assert!(overlay.merge("ns", "e", vec![], |_| false).is_empty());
+        assert!(
+            overlay.merge("ns", "f", vec![], |_| true).is_empty(),
+            "another parent's group"
+        );
         assert_eq!(overlay.len(), 1);
     }
 }

@@ -228,16 +228,13 @@ pub fn caches(client: &Client, parent_label: &'static str) -> (Caches, Streams) 
         .touched_objects()
         .predicate_filter(job_summary, Default::default())
         .boxed();
-    // Run status reads pod status only: the spec stays out of memory.
+    // Run status reads pod status only (see [`slim_pod`]).
     let (pods, pods_w) = reflector::store();
     let pod_index = LabelIndex::new(RUN_LABEL);
     let (index, store) = (pod_index.clone(), pods.clone());
     let pod_stream = watcher(Api::<Pod>::all(client.clone()), labelled)
         .default_backoff()
-        .modify(|p| {
-            p.managed_fields_mut().clear();
-            p.spec = None;
-        })
+        .modify(slim_pod)
         .reflect(pods_w)
         .inspect_ok(move |ev| index.observe(ev, &store))
         .touched_objects()
@@ -421,6 +418,44 @@ pub fn job_summary(job: &Job) -> Option<u64> {
     )))
 }
 
+/// Drops from a cached pod what run status never reads: managedFields, the
+/// spec, and of the status everything but phase, reason, message, the
+/// scheduling and readiness conditions and each container's name, state,
+/// last state, readiness and restarts (images, IPs, resources, mounts go).
+pub fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
+    pod.managed_fields_mut().clear();
+    pod.spec = None;
+    let slim = |cs: Option<Vec<ContainerStatus>>| {
+        cs.map(|cs| {
+            cs.into_iter()
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    state: c.state,
+                    last_state: c.last_state,
+                    ready: c.ready,
+                    restart_count: c.restart_count,
+                    started: c.started,
+                    ..Default::default()
+                })
+                .collect()
+        })
+    };
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        reason: s.reason,
+        message: s.message,
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| matches!(c.type_.as_str(), "PodScheduled" | "Ready"))
+                .collect()
+        }),
+        container_statuses: slim(s.container_statuses),
+        init_container_statuses: slim(s.init_container_statuses),
+        ..Default::default()
+    });
+}
+
 /// Hash of what run status reads from a pod (phase, deletion, scheduling and
 /// readiness conditions, container states): kubelet heartbeats and other
 /// status churn trigger nothing.
@@ -585,6 +620,52 @@ mod tests {
         );
         let t = "2026-01-01T00:00:00Z";
         assert_ne!(pod_summary(&pod(true, t)), pod_summary(&pod(false, t)));
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_what_run_status_and_its_summary_read() {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "r-0", "namespace": "ns", "labels": {RUN_LABEL: "r"},
+                         "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"containers": [{"name": "main", "image": "trainer"}]},
+            "status": {
+                "phase": "Failed", "reason": "Evicted", "message": "low on memory",
+                "hostIP": "10.0.0.1", "podIP": "10.1.0.1", "qosClass": "Burstable",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no node"},
+                    {"type": "Ready", "status": "False"},
+                    {"type": "Initialized", "status": "True"},
+                ],
+                "containerStatuses": [{
+                    "name": "main", "image": "trainer", "imageID": "sha256:1", "containerID": "c://1",
+                    "ready": false, "restartCount": 2,
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": "m"}},
+                    "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                }],
+            },
+        }))
+        .unwrap();
+        let before = pod_summary(&p);
+        let state = crate::controllers::experiment::status::run_state(&Job::default(), &[p.clone()]);
+        slim_pod(&mut p);
+        assert_eq!(pod_summary(&p), before, "the trigger summary is unchanged");
+        assert_eq!(
+            crate::controllers::experiment::status::run_state(&Job::default(), &[p.clone()]),
+            state,
+            "run status reads the same"
+        );
+        assert!(p.spec.is_none() && p.metadata.managed_fields.as_ref().is_none_or(Vec::is_empty));
+        let s = p.status.unwrap();
+        assert_eq!(
+            (s.reason.as_deref(), s.message.as_deref()),
+            (Some("Evicted"), Some("low on memory"))
+        );
+        assert!(s.pod_ip.is_none() && s.host_ip.is_none() && s.qos_class.is_none());
+        assert_eq!(s.conditions.unwrap().len(), 2);
+        let c = &s.container_statuses.unwrap()[0];
+        assert_eq!((c.name.as_str(), c.restart_count, c.image.as_str()), ("main", 2, ""));
+        assert!(c.volume_mounts.is_none() && c.container_id.is_none());
+        assert_eq!(c.state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 137);
     }
 
     #[test]

@@ -110,6 +110,11 @@ fn true_condition<'a>(job: &'a Job, types: &[&str]) -> Option<&'a JobCondition> 
         .find(|c| c.status == "True" && types.contains(&c.type_.as_str()))
 }
 
+/// Whether a run's Job has ended: `Complete` or `Failed`.
+pub fn ended(job: &Job) -> bool {
+    true_condition(job, &["Complete", "Failed"]).is_some()
+}
+
 /// Whether a run's Job may still have pods holding resources: it is neither
 /// suspended nor `Complete`/`Failed`. The outcome is known earlier (Kubernetes
 /// sets `SuccessCriteriaMet`/`FailureTarget` first and the terminal condition
@@ -117,7 +122,7 @@ fn true_condition<'a>(job: &'a Job, types: &[&str]) -> Option<&'a JobCondition> 
 /// GPUs for a moment: sweeps count it against `maxConcurrentTrials` until then.
 pub fn holds_resources(job: &Job) -> bool {
     let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
-    !suspended && true_condition(job, &["Complete", "Failed"]).is_none()
+    !suspended && !ended(job)
 }
 
 /// When the run started (the Job's `startTime`, reset when it is resumed).

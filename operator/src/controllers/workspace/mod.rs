@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use self::build::*;
 use super::apply::{apply_if_changed, patch_status_if_changed};
 use super::compute_cluster::observe::Caches as ClusterCaches;
+use super::experiment::status::ended;
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
 use crate::api::{
     DeletionPolicy, NewCondition, READY, Workspace, WorkspacePhase, WorkspaceStatus, WorkspaceUsage, set_condition,
@@ -416,12 +417,7 @@ fn usage<'a>(pods: impl Iterator<Item = &'a Pod>, jobs: impl Iterator<Item = &'a
     }
     let active_runs = jobs
         .filter(|j| j.metadata.namespace.as_deref() == Some(ns))
-        .filter(|j| {
-            !j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-            })
-        })
+        .filter(|j| !ended(j))
         .count();
     WorkspaceUsage {
         cpu: Some(quantity::format_cpu(cpu)),

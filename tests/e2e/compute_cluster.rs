@@ -26,6 +26,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use mlplane::api::{ComputeCluster, Experiment};
+use mlplane::controllers::cached::CachedJob;
 use mlplane::controllers::experiment::status::holds_resources;
 use mlplane_test_support::*;
 use serde_json::{Value, json};
@@ -610,7 +611,7 @@ async fn two_workspaces_with_quotas_sharing_one_cluster_never_exceed_their_quota
     let active = Arc::new(Mutex::new(Active::default()));
     let mut watchers = vec![];
     for ns in [&a.name, &b.name] {
-        let api: Api<Job> = Api::namespaced(admin.clone(), ns);
+        let api: Api<CachedJob> = Api::namespaced(admin.clone(), ns);
         let (active, ns) = (active.clone(), ns.clone());
         watchers.push(tokio::spawn(async move {
             let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));

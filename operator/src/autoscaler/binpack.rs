@@ -24,7 +24,8 @@
 //! nodes takes milliseconds (see `bench/src/bin/compute.rs`).
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration};
+use crate::controllers::cached::CachedPodSpec;
+use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration};
 
 use super::resources::Resources;
 
@@ -43,7 +44,7 @@ pub struct Constraints {
 
 impl Constraints {
     /// The constraints of a pod (or pod template) spec.
-    pub fn of(spec: &PodSpec) -> Self {
+    pub fn of(spec: &CachedPodSpec) -> Self {
         Self {
             node_selector: spec.node_selector.clone().unwrap_or_default(),
             required_terms: spec

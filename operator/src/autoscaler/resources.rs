@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use k8s_openapi::api::core::v1::{Container, PodSpec};
+use crate::controllers::cached::{CachedContainer, CachedPodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::quantity;
@@ -292,7 +292,7 @@ fn format_amount(name: &str, v: i64) -> String {
 /// A container's request: `requests`, else `limits`, per resource; `defaults`
 /// fill CPU and memory the container does not mention (a LimitRange's
 /// default requests, for pods not created yet).
-fn container_requests(c: &Container, defaults: Option<&Resources>) -> Resources {
+fn container_requests(c: &CachedContainer, defaults: Option<&Resources>) -> Resources {
     let res = c.resources.as_ref();
     let mut list: BTreeMap<String, Quantity> = res.and_then(|r| r.limits.clone()).unwrap_or_default();
     list.extend(res.and_then(|r| r.requests.clone()).unwrap_or_default());
@@ -310,7 +310,7 @@ fn container_requests(c: &Container, defaults: Option<&Resources>) -> Resources 
 
 /// The effective request of a pod with this spec (see the module docs),
 /// including one pod slot.
-pub fn pod_requests(spec: &PodSpec, defaults: Option<&Resources>) -> Resources {
+pub fn pod_requests(spec: &CachedPodSpec, defaults: Option<&Resources>) -> Resources {
     let mut sum = Resources::default();
     for c in &spec.containers {
         sum.add(&container_requests(c, defaults));
@@ -393,7 +393,7 @@ mod tests {
 
     #[test]
     fn pod_requests_follow_the_scheduler() {
-        let spec: PodSpec = serde_json::from_value(json!({
+        let spec: CachedPodSpec = serde_json::from_value(json!({
             "containers": [
                 {"name": "a", "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
                 {"name": "b", "resources": {"limits": {"cpu": "2", "nvidia.com/gpu": "1"}}}
@@ -409,7 +409,7 @@ mod tests {
         // cpu: max(1 + 2 + 0.5, 0.5 + 8) + 0.1; memory: max(1Gi, 512Mi).
         assert_eq!((r.cpu, r.memory, r.gpu, r.pods), (8600, 1 << 30, 1, 1));
         // Defaults fill what a container does not mention.
-        let bare: PodSpec = serde_json::from_value(json!({"containers": [{"name": "a"}]})).unwrap();
+        let bare: CachedPodSpec = serde_json::from_value(json!({"containers": [{"name": "a"}]})).unwrap();
         let d = Resources {
             cpu: 250,
             memory: 512 << 20,

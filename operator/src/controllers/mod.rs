@@ -4,9 +4,11 @@
 //! what they share: the context, the error type with its metric category, the
 //! per-object backoff, events, and the guarded watch streams.
 pub mod apply;
+pub mod cached;
 pub mod compute_cluster;
 pub mod data_asset;
 pub mod experiment;
+pub mod fanout;
 pub mod label_index;
 pub mod model_deployment;
 pub mod pinning;
@@ -347,14 +349,29 @@ pub fn watch_config() -> watcher::Config {
 pub async fn run_all(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
     // The cluster-wide pod and run Job caches: the ComputeCluster
     // controller's, also read by the Workspace controller for usage.
-    let (cluster, cluster_streams) = compute_cluster::observe::caches(&ctx.client);
+    // The Experiment and Pipeline controllers read them too, and take their
+    // pod and Job triggers from the same two watches.
+    let (cluster, mut cluster_streams) = compute_cluster::observe::caches(&ctx.client);
     let cluster = Arc::new(cluster);
+    let ready = cluster.clone();
+    tokio::spawn(async move { ready.watch_ready().await });
+    let (mut pods, mut jobs) = (fanout::Fanout::default(), fanout::Fanout::default());
+    let mut triggers = |label| experiment::observe::RunTriggers {
+        jobs: jobs.subscribe(Some(label)),
+        pods: pods.subscribe(Some(label)),
+    };
+    let experiments = triggers(run::build::EXPERIMENT_LABEL);
+    let pipelines = triggers(run::build::PIPELINE_LABEL);
+    let pod_source = std::mem::replace(&mut cluster_streams.pods, pods.subscribe(None));
+    let job_source = std::mem::replace(&mut cluster_streams.jobs, jobs.subscribe(None));
+    tokio::spawn(pods.run(pod_source, stop.clone(), "pods"));
+    tokio::spawn(jobs.run(job_source, stop.clone(), "run jobs"));
     tokio::join!(
         workspace::run(ctx.clone(), cluster.clone(), stop.clone().cancelled_owned()),
-        experiment::run(ctx.clone(), stop.clone()),
+        experiment::run(ctx.clone(), cluster.clone(), experiments, stop.clone()),
+        pipeline::run(ctx.clone(), cluster.clone(), pipelines, stop.clone()),
         compute_cluster::run(ctx.clone(), cluster, cluster_streams, stop.clone()),
         data_asset::run(ctx.clone(), stop.clone()),
-        pipeline::run(ctx.clone(), stop.clone()),
         model_deployment::run(ctx.clone(), stop.clone()),
     );
 }

@@ -26,9 +26,9 @@ pub mod status;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::controllers::cached::{CachedJob, CachedPod};
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
@@ -78,8 +78,6 @@ pub async fn run(ctx: Arc<Context>, caches: Arc<observe::Caches>, streams: obser
     tokio::spawn(drive(streams.daemonsets, stop.clone(), "daemonsets"));
     tokio::spawn(drive(streams.pdbs, stop.clone(), "poddisruptionbudgets"));
     tokio::spawn(drive(streams.namespaces, stop.clone(), "namespaces"));
-    let ready = cctx.clone();
-    tokio::spawn(async move { ready.caches.watch_ready().await });
     // Gauges of deleted clusters go (deleted objects are not reconciled).
     let refresher = cctx.clone();
     let refresh_stop = stop.clone();
@@ -99,14 +97,14 @@ pub async fn run(ctx: Arc<Context>, caches: Arc<observe::Caches>, streams: obser
             .map(|v| clusters_labelled(&s1, v))
             .unwrap_or_default()
     };
-    let by_job = move |j: Job| {
+    let by_job = move |j: CachedJob| {
         j.labels()
             .get(COMPUTE_CLUSTER_LABEL)
             .map(|v| clusters_labelled(&s2, v))
             .unwrap_or_default()
     };
     // A pod selecting a cluster, or on a node of one.
-    let by_pod = move |p: Pod| {
+    let by_pod = move |p: CachedPod| {
         let spec = p.spec.as_ref();
         if let Some(v) = spec
             .and_then(|s| s.node_selector.as_ref())

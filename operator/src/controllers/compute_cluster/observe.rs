@@ -10,21 +10,17 @@
 //!
 //! Pods are cached cluster-wide (pending pods anywhere may select a cluster;
 //! pods on pool nodes use their capacity; pods of workspace namespaces count
-//! against quotas), so each keeps only its placement-relevant spec: node
-//! name, nodeSelector, node affinity, tolerations, and the containers'
-//! resources. Nodes lose their images, addresses and every condition but
-//! Ready. Jobs keep their template's placement and resources and the
-//! annotations the queue reads.
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+//! against quotas), and run Jobs too, as the compact
+//! [`CachedPod`] and [`CachedJob`] (placement, resources, the status run
+//! status reads). Nodes lose their images, addresses and every condition but
+//! Ready.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus};
-use k8s_openapi::api::core::v1::{
-    Affinity, Container, Namespace, Node, NodeCondition, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, PodTemplateSpec,
-};
+use k8s_openapi::api::core::v1::{Affinity, Container, Namespace, Node, NodeCondition, NodeSpec, NodeStatus, PodSpec};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DynamicObject};
@@ -34,11 +30,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::api::Workspace;
-use crate::autoscaler::admission::{ADMITTED_AT_ANNOTATION, QUEUE_MESSAGE_ANNOTATION, QUEUE_REASON_ANNOTATION};
 use crate::autoscaler::providers::cluster_api;
-use crate::controllers::experiment::status::{CANCEL_ANNOTATION, CANCEL_MESSAGE_ANNOTATION};
-use crate::controllers::run::build::RUN_LABEL;
-use crate::controllers::watch_config;
+use crate::controllers::cached::{CachedJob, CachedPod, keep_annotations};
+use crate::controllers::label_index::LabelIndex;
+use crate::controllers::run::build::{EXPERIMENT_LABEL, PIPELINE_LABEL, RUN_LABEL};
+use crate::controllers::{Touched, watch_config};
 
 /// Node annotation: the autoscaler cordoned the node to remove it, at this
 /// time (RFC 3339).
@@ -48,30 +44,14 @@ pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// How long a write stands in for a cache that has not shown it.
 pub const WRITTEN_TTL: Duration = Duration::from_secs(60);
 
-/// Annotations of run Jobs the queue reads.
-const JOB_ANNOTATIONS: [&str; 5] = [
-    CANCEL_ANNOTATION,
-    CANCEL_MESSAGE_ANNOTATION,
-    QUEUE_REASON_ANNOTATION,
-    QUEUE_MESSAGE_ANNOTATION,
-    ADMITTED_AT_ANNOTATION,
-];
-
-fn keep_annotations(meta: &mut ObjectMeta, keys: &[&str]) {
-    meta.annotations = meta.annotations.take().and_then(|a| {
-        let kept: BTreeMap<String, String> = a.into_iter().filter(|(k, _)| keys.contains(&k.as_str())).collect();
-        (!kept.is_empty()).then_some(kept)
-    });
-}
-
 fn strip_meta(meta: &mut ObjectMeta, annotations: &[&str]) {
     meta.managed_fields = None;
     meta.finalizers = None;
     meta.generate_name = None;
-    keep_annotations(meta, annotations);
+    keep_annotations(meta, |k| annotations.contains(&k));
 }
 
-/// Keeps of a pod spec what placement and accounting read.
+/// Keeps of a (DaemonSet's) pod spec what placement and accounting read.
 pub fn strip_pod_spec(spec: &mut PodSpec) {
     let slim = |c: &Container| Container {
         name: c.name.clone(),
@@ -94,51 +74,26 @@ pub fn strip_pod_spec(spec: &mut PodSpec) {
     };
 }
 
-/// Strips a cached pod (see the module docs).
-pub fn strip_pod(p: &mut Pod) {
-    strip_meta(&mut p.metadata, &[MIRROR_ANNOTATION]);
-    if let Some(spec) = p.spec.as_mut() {
-        strip_pod_spec(spec);
-    }
-    p.status = p.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        ..Default::default()
-    });
+/// Annotations of pods the caches read: static (mirror) pods, Indexed Job
+/// completion indexes, the operator's own.
+pub fn pod_annotation_kept(key: &str) -> bool {
+    key == MIRROR_ANNOTATION || key.starts_with("batch.kubernetes.io/") || key.starts_with("mlplane.io/")
 }
 
-/// Strips a cached run Job (see the module docs).
-pub fn strip_job(j: &mut Job) {
-    strip_meta(&mut j.metadata, &JOB_ANNOTATIONS);
-    j.metadata.owner_references = None;
-    if let Some(spec) = j.spec.as_mut() {
-        let mut pod = spec.template.spec.take().unwrap_or_default();
-        strip_pod_spec(&mut pod);
-        *spec = JobSpec {
-            parallelism: spec.parallelism,
-            completions: spec.completions,
-            suspend: spec.suspend,
-            template: PodTemplateSpec {
-                metadata: None,
-                spec: Some(pod),
-            },
-            ..Default::default()
-        };
-    }
-    j.status = j.status.take().map(|s| JobStatus {
-        active: s.active,
-        succeeded: s.succeeded,
-        failed: s.failed,
-        conditions: s.conditions.map(|cs| {
-            cs.into_iter()
-                .map(|c| JobCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    ..Default::default()
-                })
-                .collect()
-        }),
-        ..Default::default()
-    });
+/// Annotations of Jobs the caches read: the operator's own (run
+/// parameters, results, queue and cancellation).
+pub fn job_annotation_kept(key: &str) -> bool {
+    key.starts_with("mlplane.io/")
+}
+
+/// Strips a cached pod (see [`CachedPod`]).
+pub fn strip_pod(p: &mut CachedPod) {
+    p.strip(pod_annotation_kept);
+}
+
+/// Strips a cached run Job (see [`CachedJob`]).
+pub fn strip_job(j: &mut CachedJob) {
+    j.strip(job_annotation_kept);
 }
 
 /// Strips a cached node (see the module docs).
@@ -242,15 +197,24 @@ impl CapiCaches {
     }
 }
 
-type Touched<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
-
 /// The caches (the controller polls the node, pod, Job and Workspace
 /// streams as its triggers; the others are driven by
 /// [`crate::controllers::experiment::observe::drive`]).
+///
+/// The pod and run Job stores are the operator's only ones: the Experiment
+/// and Pipeline controllers read them too, through the label indexes here,
+/// and get their triggers from the same watches
+/// ([`crate::controllers::fanout`]).
 pub struct Caches {
     pub nodes: Store<Node>,
-    pub pods: Store<Pod>,
-    pub jobs: Store<Job>,
+    pub pods: Store<CachedPod>,
+    pub jobs: Store<CachedJob>,
+    /// Pods by run (Job name, `mlplane.io/run`).
+    pub pods_by_run: Arc<LabelIndex>,
+    /// Run Jobs by Experiment (`mlplane.io/experiment`).
+    pub jobs_by_experiment: Arc<LabelIndex>,
+    /// Run Jobs by Pipeline (`mlplane.io/pipeline`).
+    pub jobs_by_pipeline: Arc<LabelIndex>,
     pub daemonsets: Store<DaemonSet>,
     pub pdbs: Store<PodDisruptionBudget>,
     pub workspaces: Store<DeserializeGuard<Workspace>>,
@@ -259,11 +223,12 @@ pub struct Caches {
     ready: tokio::sync::watch::Sender<bool>,
 }
 
-/// The watch streams behind [`Caches`].
+/// The watch streams behind [`Caches`] (pods and Jobs: the sources that
+/// [`crate::controllers::fanout::Fanout`]s hand on).
 pub struct Streams {
     pub nodes: Touched<Node>,
-    pub pods: Touched<Pod>,
-    pub jobs: Touched<Job>,
+    pub pods: Touched<CachedPod>,
+    pub jobs: Touched<CachedJob>,
     pub daemonsets: Touched<DaemonSet>,
     pub pdbs: Touched<PodDisruptionBudget>,
     pub workspaces: Touched<DeserializeGuard<Workspace>>,
@@ -284,14 +249,45 @@ where
     (store, s)
 }
 
+/// A reflector whose events also feed `indexes`.
+fn indexed_stream<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    strip: fn(&mut K),
+    indexes: Vec<Arc<LabelIndex>>,
+) -> (Store<K>, Touched<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let reader = store.clone();
+    let s = watcher(api, cfg)
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer)
+        .inspect_ok(move |ev| indexes.iter().for_each(|i| i.observe(ev, &reader)))
+        .touched_objects()
+        .boxed();
+    (store, s)
+}
+
 /// Starts the reflectors (lazily: nothing is listed until a stream is polled).
 pub fn caches(client: &Client) -> (Caches, Streams) {
     let (nodes, node_s) = stream(Api::<Node>::all(client.clone()), watch_config(), strip_node);
-    let (pods, pod_s) = stream(Api::<Pod>::all(client.clone()), watch_config(), strip_pod);
-    let (jobs, job_s) = stream(
-        Api::<Job>::all(client.clone()),
+    let pods_by_run = LabelIndex::new(RUN_LABEL);
+    let (pods, pod_s) = indexed_stream(
+        Api::<CachedPod>::all(client.clone()),
+        watch_config(),
+        strip_pod,
+        vec![pods_by_run.clone()],
+    );
+    let jobs_by_experiment = LabelIndex::new(EXPERIMENT_LABEL);
+    let jobs_by_pipeline = LabelIndex::new(PIPELINE_LABEL);
+    let (jobs, job_s) = indexed_stream(
+        Api::<CachedJob>::all(client.clone()),
         watch_config().labels(RUN_LABEL),
         strip_job,
+        vec![jobs_by_experiment.clone(), jobs_by_pipeline.clone()],
     );
     let (daemonsets, ds_s) = stream(Api::<DaemonSet>::all(client.clone()), watch_config(), strip_daemonset);
     let (pdbs, pdb_s) = stream(Api::<PodDisruptionBudget>::all(client.clone()), watch_config(), |p| {
@@ -309,6 +305,9 @@ pub fn caches(client: &Client) -> (Caches, Streams) {
             nodes,
             pods,
             jobs,
+            pods_by_run,
+            jobs_by_experiment,
+            jobs_by_pipeline,
             daemonsets,
             pdbs,
             workspaces,
@@ -410,62 +409,35 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn pods_keep_placement_and_resources_only() {
-        let mut p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "ns", "labels": {"a": "b"},
-                         "annotations": {"big": "x", MIRROR_ANNOTATION: "m"},
-                         "managedFields": [{"manager": "kubectl"}],
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "d", "uid": "u", "controller": true}]},
-            "spec": {"nodeName": "n", "nodeSelector": {"k": "v"},
-                     "containers": [{"name": "c", "image": "busybox", "env": [{"name": "X", "value": "1"}],
-                                     "resources": {"requests": {"cpu": "1"}}}],
-                     "tolerations": [{"operator": "Exists"}],
-                     "affinity": {"podAntiAffinity": {}, "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
-                     "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+    fn pods_and_jobs_keep_the_annotations_the_controllers_read() {
+        let mut p: CachedPod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns",
+                         "annotations": {"big": "x", MIRROR_ANNOTATION: "m",
+                                         "batch.kubernetes.io/job-completion-index": "1"}},
+            "spec": {"nodeName": "n", "volumes": [{"name": "v", "emptyDir": {}}]},
         }))
         .unwrap();
         strip_pod(&mut p);
-        let v = serde_json::to_value(&p).unwrap();
-        assert_eq!(v["metadata"]["annotations"], json!({MIRROR_ANNOTATION: "m"}));
-        assert!(v["metadata"]["managedFields"].is_null());
-        assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "DaemonSet");
-        assert_eq!(v["spec"]["nodeName"], "n");
         assert_eq!(
-            v["spec"]["containers"][0],
-            json!({"name": "c", "resources": {"requests": {"cpu": "1"}}})
+            p.annotations().keys().collect::<Vec<_>>(),
+            ["batch.kubernetes.io/job-completion-index", MIRROR_ANNOTATION]
         );
-        assert!(v["spec"]["volumes"].is_null());
-        assert!(v["spec"]["affinity"]["podAntiAffinity"].is_null());
-        assert!(!v["spec"]["affinity"]["nodeAffinity"].is_null());
-        assert_eq!(v["status"], json!({"phase": "Running"}));
-    }
-
-    #[test]
-    fn jobs_and_nodes_keep_what_the_queue_and_planner_read() {
-        let mut j: Job = serde_json::from_value(json!({
+        let mut j: CachedJob = serde_json::from_value(json!({
             "metadata": {"name": "j", "namespace": "ns", "resourceVersion": "7",
-                         "annotations": {CANCEL_ANNOTATION: "Suspended", "mlplane.io/params": "{}"}},
-            "spec": {"parallelism": 3, "completions": 3, "suspend": true, "backoffLimit": 0,
-                     "template": {"metadata": {"labels": {"x": "y"}},
-                                  "spec": {"containers": [{"name": "run", "image": "i", "command": ["python"]}]}}},
-            "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True", "message": "long"}]}
+                         "annotations": {"mlplane.io/cancel-reason": "Suspended", "mlplane.io/params": "{}",
+                                         "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
         }))
         .unwrap();
         strip_job(&mut j);
-        let v = serde_json::to_value(&j).unwrap();
-        assert_eq!(v["metadata"]["annotations"], json!({CANCEL_ANNOTATION: "Suspended"}));
-        assert_eq!(v["metadata"]["resourceVersion"], "7");
         assert_eq!(
-            (v["spec"]["parallelism"].clone(), v["spec"]["suspend"].clone()),
-            (json!(3), json!(true))
+            j.annotations().keys().collect::<Vec<_>>(),
+            ["mlplane.io/cancel-reason", "mlplane.io/params"]
         );
-        assert!(v["spec"]["template"]["spec"]["containers"][0]["command"].is_null());
-        assert_eq!(
-            v["status"]["conditions"][0],
-            json!({"type": "Complete", "status": "True"})
-        );
+        assert_eq!(j.resource_version().as_deref(), Some("7"));
+    }
 
+    #[test]
+    fn nodes_keep_what_the_planner_reads() {
         let mut n: Node = serde_json::from_value(json!({
             "metadata": {"name": "n", "annotations": {SCALE_DOWN_ANNOTATION: "t", "other": "x"}},
             "spec": {"unschedulable": true, "podCIDR": "10.0.0.0/24"},

@@ -46,6 +46,7 @@ use crate::autoscaler::providers::cluster_api::{self, ClusterApiProvider};
 use crate::autoscaler::providers::kwok::KwokProvider;
 use crate::autoscaler::providers::r#static::StaticProvider;
 use crate::autoscaler::providers::{NodeProvider, NodeRef, pool_labels, pool_taints};
+use crate::controllers::cached::CachedJob;
 use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Result};
 
@@ -69,7 +70,7 @@ const CAPI_RECHECK: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Writes {
     /// Admitted Jobs (stripped), by uid.
-    pub admitted: Written<Arc<Job>>,
+    pub admitted: Written<Arc<CachedJob>>,
     /// Queue annotations written, by Job uid.
     pub queued: Written<(String, String)>,
     /// Nodes created: name -> (cluster, pool).
@@ -314,7 +315,7 @@ async fn degrade(cc: &ComputeCluster, ctx: &ClusterContext, reason: &str, messag
 }
 
 /// Cached run Jobs with this process's admissions laid over.
-fn jobs_with_writes(ctx: &ClusterContext) -> Vec<Arc<Job>> {
+fn jobs_with_writes(ctx: &ClusterContext) -> Vec<Arc<CachedJob>> {
     let mut jobs = ctx.caches.jobs.state();
     let by_uid: HashMap<String, usize> = jobs
         .iter()
@@ -433,7 +434,9 @@ async fn apply_queue(cc: &ComputeCluster, ctx: &ClusterContext, snap: &Snapshot,
             .is_none_or(|q| q.reason.as_deref() == Some(r.as_str()) && q.message.as_deref() == Some(m.as_str()))
     });
     for (q, outcome) in snap.queue.iter().zip(&plan.outcomes) {
-        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &q.namespace);
+        // The answer decodes as the cache holds Jobs: it stands in for the
+        // cached Job until the watch shows the admission.
+        let jobs: Api<CachedJob> = Api::namespaced(ctx.client.clone(), &q.namespace);
         match outcome {
             Outcome::Admitted(placed) => {
                 let patch = json!({

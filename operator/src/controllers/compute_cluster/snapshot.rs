@@ -29,8 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
@@ -45,6 +44,7 @@ use crate::autoscaler::binpack::Constraints;
 use crate::autoscaler::plan::{DemandInput, NodeInput, NodeState, PlanInput, PoolInput, QueueInput};
 use crate::autoscaler::providers::{cluster_api, pool_labels, pool_of, pool_taints};
 use crate::autoscaler::resources::{Resources, pod_requests};
+use crate::controllers::cached::{CachedJob, CachedPod, CachedPodSpec};
 use crate::controllers::experiment::status::{CANCEL_ANNOTATION, holds_resources};
 use crate::controllers::run::build::{COMPUTE_CLUSTER_LABEL, RUN_LABEL};
 use crate::controllers::run::names::label_value;
@@ -138,8 +138,8 @@ pub type CapiObjects<'a> = (&'a [Arc<DynamicObject>], &'a [Arc<DynamicObject>]);
 /// Cached objects (Jobs with the controller's own writes laid over).
 pub struct Objects<'a> {
     pub nodes: &'a [Arc<Node>],
-    pub pods: &'a [Arc<Pod>],
-    pub jobs: &'a [Arc<Job>],
+    pub pods: &'a [Arc<CachedPod>],
+    pub jobs: &'a [Arc<CachedJob>],
     pub daemonsets: &'a [Arc<DaemonSet>],
     pub pdbs: &'a [Arc<PodDisruptionBudget>],
     /// Workspace name -> its quota.
@@ -204,14 +204,14 @@ pub struct Snapshot {
     pub idle_now: Vec<(String, bool)>,
 }
 
-fn is_live(p: &Pod) -> bool {
+fn is_live(p: &CachedPod) -> bool {
     !matches!(
         p.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     )
 }
 
-fn owner_kind(p: &Pod) -> Option<(&str, &str)> {
+fn owner_kind(p: &CachedPod) -> Option<(&str, &str)> {
     p.owner_references()
         .iter()
         .find(|o| o.controller == Some(true))
@@ -220,7 +220,7 @@ fn owner_kind(p: &Pod) -> Option<(&str, &str)> {
 
 /// Whether a pod is a DaemonSet's or a static (mirror) pod: neither makes a
 /// node busy.
-pub fn is_node_pod(p: &Pod) -> bool {
+pub fn is_node_pod(p: &CachedPod) -> bool {
     owner_kind(p).is_some_and(|(k, _)| k == "DaemonSet") || p.annotations().contains_key(MIRROR_ANNOTATION)
 }
 
@@ -256,7 +256,7 @@ pub fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, S
 
 /// Pods still to run of an admitted Job: its remaining completions, at
 /// most its parallelism.
-pub fn remaining_pods(job: &Job) -> u32 {
+pub fn remaining_pods(job: &CachedJob) -> u32 {
     let spec = job.spec.as_ref();
     let parallelism = spec.and_then(|s| s.parallelism).unwrap_or(1).max(0);
     let succeeded = job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0);
@@ -267,21 +267,21 @@ pub fn remaining_pods(job: &Job) -> u32 {
     left as u32
 }
 
-fn parallelism(job: &Job) -> u32 {
+fn parallelism(job: &CachedJob) -> u32 {
     job.spec.as_ref().and_then(|s| s.parallelism).unwrap_or(1).max(1) as u32
 }
 
-fn template(job: &Job) -> Option<&PodSpec> {
+fn template(job: &CachedJob) -> Option<&CachedPodSpec> {
     job.spec.as_ref()?.template.spec.as_ref()
 }
 
-fn suspended(job: &Job) -> bool {
+fn suspended(job: &CachedJob) -> bool {
     job.spec.as_ref().and_then(|s| s.suspend) == Some(true)
 }
 
 /// Whether a run Job waits in the queue: suspended, not cancelled, not
 /// finished.
-pub fn waiting(job: &Job) -> bool {
+pub fn waiting(job: &CachedJob) -> bool {
     suspended(job) && !job.annotations().contains_key(CANCEL_ANNOTATION) && job.metadata.deletion_timestamp.is_none()
 }
 
@@ -314,7 +314,7 @@ pub fn snapshot(
             k8s_openapi::apimachinery::pkg::api::resource::Quantity(DEFAULT_MEMORY_REQUEST.into()),
         ),
     ]));
-    let template_request = |ns: &str, spec: &PodSpec| {
+    let template_request = |ns: &str, spec: &CachedPodSpec| {
         let d = workspace_of.contains_key(ns).then_some(&defaults);
         pod_requests(spec, d)
     };
@@ -331,8 +331,9 @@ pub fn snapshot(
                 let Some(spec) = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else {
                     continue;
                 };
-                if Constraints::of(spec).mismatch(&labels, &taints).is_none() {
-                    shape.sub(&pod_requests(spec, None));
+                let spec = CachedPodSpec::from(spec);
+                if Constraints::of(&spec).mismatch(&labels, &taints).is_none() {
+                    shape.sub(&pod_requests(&spec, None));
                 }
             }
             PoolInput {
@@ -378,7 +379,7 @@ pub fn snapshot(
     };
 
     // Pods by node, and by owning Job.
-    let mut on_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    let mut on_node: HashMap<&str, Vec<&CachedPod>> = HashMap::new();
     let mut bound_by_job: HashMap<&str, u32> = HashMap::new();
     for p in objects.pods {
         if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
@@ -427,7 +428,7 @@ pub fn snapshot(
         seen_names.insert(name.clone());
         snap.names[pool].push(name.clone());
         let pods = on_node.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
-        let live: Vec<&&Pod> = pods.iter().filter(|p| is_live(p)).collect();
+        let live: Vec<&&CachedPod> = pods.iter().filter(|p| is_live(p)).collect();
         let busy = live.iter().any(|p| !is_node_pod(p));
         let mut used = Resources::default();
         for p in live.iter().filter(|p| !is_node_pod(p)) {
@@ -466,7 +467,7 @@ pub fn snapshot(
         });
         snap.idle_now.push((name.clone(), busy));
         // What a drain would evict, and whether a PodDisruptionBudget forbids it.
-        let evictable: Vec<&&Pod> = live
+        let evictable: Vec<&&CachedPod> = live
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none() && !p.annotations().contains_key(MIRROR_ANNOTATION))
             .copied()
@@ -553,7 +554,7 @@ pub fn snapshot(
 
     // Jobs: the queue, admitted runs' unbound pods.
     let mut admitted_jobs: HashSet<&str> = HashSet::new();
-    let mut queue: Vec<&Job> = Vec::new();
+    let mut queue: Vec<&CachedJob> = Vec::new();
     for j in objects.jobs {
         if j.labels().get(COMPUTE_CLUSTER_LABEL) != Some(&value) {
             continue;
@@ -599,7 +600,7 @@ pub fn snapshot(
         }
     }
     queue.sort_by(|a, b| {
-        let key = |j: &Job| (ts(&j.metadata.creation_timestamp), j.name_any(), j.namespace());
+        let key = |j: &CachedJob| (ts(&j.metadata.creation_timestamp), j.name_any(), j.namespace());
         key(a).cmp(&key(b))
     });
     let mut queued_ws: BTreeSet<String> = BTreeSet::new();
@@ -730,7 +731,7 @@ mod tests {
         }})
     }
 
-    fn job(name: &str, created: &str, suspend: bool, parallelism: i32, extra: Value) -> Arc<Job> {
+    fn job(name: &str, created: &str, suspend: bool, parallelism: i32, extra: Value) -> Arc<CachedJob> {
         let mut j = json!({
             "metadata": {"name": name, "namespace": "vision", "uid": format!("uid-{name}"), "resourceVersion": "1",
                          "creationTimestamp": created,
@@ -741,7 +742,7 @@ mod tests {
         Arc::new(serde_json::from_value(j).unwrap())
     }
 
-    fn pod(name: &str, node: Option<&str>, owner: Value, phase: &str) -> Arc<Pod> {
+    fn pod(name: &str, node: Option<&str>, owner: Value, phase: &str) -> Arc<CachedPod> {
         let mut spec = run_template()["spec"].clone();
         if let Some(n) = node {
             spec["nodeName"] = json!(n);
@@ -765,8 +766,8 @@ mod tests {
 
     struct Fixture {
         nodes: Vec<Arc<Node>>,
-        pods: Vec<Arc<Pod>>,
-        jobs: Vec<Arc<Job>>,
+        pods: Vec<Arc<CachedPod>>,
+        jobs: Vec<Arc<CachedJob>>,
         daemonsets: Vec<Arc<DaemonSet>>,
         pdbs: Vec<Arc<PodDisruptionBudget>>,
         namespaces: Vec<Arc<PartialObjectMeta<Namespace>>>,

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, SecretKeySelector, Service};
+use k8s_openapi::api::core::v1::{SecretKeySelector, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::early_termination::{EARLY_TERMINATED, TrialCurve, decide};
-use super::observe::{Caches, Expect, caches, drive};
+use super::observe::{Caches, Expect, RunTriggers, caches, drive};
 use super::status::{
     CANCEL_ANNOTATION, HISTORY_LIMIT, RunState, SUSPENDED, best_run, bound_history, cancel_patch, finish_time,
     holds_resources, run_state, start_time, sweep_phase,
@@ -49,6 +49,8 @@ use super::sweep::{merge_params, next_trials, seed, trial_limits, trial_params};
 use super::validate::{GENERATION_ANNOTATION, RUN_INDEX_LABEL, RunInputs, TRIAL_LABEL, run_spec, validate};
 use crate::api::experiment::PinnedInput;
 use crate::api::{Experiment, ExperimentStatus, NewCondition, Params, READY, RunPhase, RunStatus, set_condition};
+use crate::controllers::cached::{CachedJob, CachedPod};
+use crate::controllers::compute_cluster::observe::Caches as ClusterCaches;
 use crate::controllers::pinning::{pin_inputs, recorded};
 use crate::controllers::run::artifacts::{artifacts_root, experiment_output, pvc_mount_path};
 use crate::controllers::run::build::{EXPERIMENT_LABEL, RUN_LABEL, Tracking, build_run};
@@ -107,7 +109,7 @@ impl std::ops::Deref for ExperimentContext {
 }
 
 /// Runs the controller until `stop` is cancelled.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Context>, cluster: Arc<ClusterCaches>, triggers: RunTriggers, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Experiment>>::all(client.clone()), watch_config());
     // A new spec (generation) or a changed annotation (`mlplane.io/rerun`)
@@ -116,7 +118,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         predicates::generation.combine(predicates::annotations),
         Default::default(),
     );
-    let (caches, streams) = caches(&client, EXPERIMENT_LABEL);
+    let (caches, streams) = caches(&client, EXPERIMENT_LABEL, &cluster, triggers);
     let status = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), STATUS_WRITERS, stop.clone());
     let ectx = Arc::new(ExperimentContext {
         base: ctx,
@@ -200,7 +202,7 @@ pub struct RunResult {
 /// One run (or trial) as seen on its Job.
 #[derive(Clone, Debug)]
 struct Observed {
-    job: Job,
+    job: CachedJob,
     index: u64,
     trial: Option<u32>,
     /// Outcome, once recorded.
@@ -334,7 +336,9 @@ pub async fn reconcile(exp: &Experiment, ctx: &ExperimentContext) -> Result<Acti
     let name = exp.name_any();
     let uid = exp.uid().unwrap_or_default();
     let generation = exp.metadata.generation.unwrap_or_default();
-    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    // Writes to Jobs are patches whose answers stand in for the cache, so
+    // they decode as the cache holds Jobs; creates go through `Api<Job>`.
+    let jobs_api: Api<CachedJob> = Api::namespaced(client.clone(), &ns);
     let mut tracking = ctx.settings.tracking.as_ref().map(|c| TrackingCtx {
         client: c,
         name: format!("{ns}/{name}"),
@@ -688,7 +692,7 @@ fn ready_condition(phase: RunPhase, latest: &[&Observed], suspend: bool) -> (boo
 async fn cancel(
     exp: &Experiment,
     ctx: &ExperimentContext,
-    jobs: &Api<Job>,
+    jobs: &Api<CachedJob>,
     o: &mut Observed,
     reason: &str,
     message: &str,
@@ -732,14 +736,14 @@ async fn cancel(
 async fn record_end(
     exp: &Experiment,
     ctx: &ExperimentContext,
-    jobs: &Api<Job>,
+    jobs: &Api<CachedJob>,
     o: &mut Observed,
     state: RunState,
 ) -> Result<()> {
     // The cause of a failure is read from the pods as they are now, not as
     // the pod cache last saw them: it is recorded once.
     let state = if state.phase == RunPhase::Failed {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
+        let pods: Api<CachedPod> = Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
         let selector = format!("{RUN_LABEL}={}", o.name());
         let pods = pods.list(&ListParams::default().labels(&selector)).await?.items;
         run_state(&o.job, &pods)
@@ -818,7 +822,7 @@ async fn record_end(
 async fn start_run(
     exp: &Experiment,
     ctx: &ExperimentContext,
-    jobs: &Api<Job>,
+    jobs: &Api<CachedJob>,
     tracking: &mut Option<TrackingCtx<'_>>,
     index: u64,
     trial: Option<u32>,
@@ -948,7 +952,8 @@ async fn start_run(
             Err(e) => return Err(e.into()),
         }
     }
-    let job = match jobs.create(&PostParams::default(), &objs.job).await {
+    let create: Api<Job> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let job = match create.create(&PostParams::default(), &objs.job).await {
         Ok(j) => {
             let what = match trial {
                 Some(t) => format!("trial {t} as Job {run_name}"),
@@ -966,7 +971,7 @@ async fn start_run(
                 format!("started {what}"),
             )
             .await;
-            j
+            CachedJob::from(&j)
         }
         // Made before a restart (or by a concurrent reconcile): found.
         Err(e) if is_already_exists(&e) => jobs.get(&run_name).await?,
@@ -1021,7 +1026,7 @@ mod tests {
 
     #[test]
     fn a_queued_run_surfaces_the_queue_reason_in_ready() {
-        let job: Job = serde_json::from_value(serde_json::json!({
+        let job: CachedJob = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "e-1", "annotations": {
                 "mlplane.io/queue-reason": "ExceedsPoolMaximum",
                 "mlplane.io/queue-message": "the run needs 3 pod(s) of nvidia.com/gpu 1 at once"}},

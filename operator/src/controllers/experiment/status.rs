@@ -30,8 +30,9 @@
 //!    capacity); any container unable to start (`ImagePullBackOff`,
 //!    `ErrImagePull`, `CreateContainerConfigError`, ...) -> Pending with that
 //!    reason; else Pending (`Starting`).
-use k8s_openapi::api::batch::v1::{Job, JobCondition};
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::batch::v1::JobCondition;
+
+use crate::controllers::cached::{CachedContainerStatus, CachedJob, CachedPod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::experiment::{BestRun, Goal, Objective, RunPhase, RunStatus};
@@ -101,7 +102,7 @@ pub fn cancel_patch(reason: &str, message: &str) -> serde_json::Value {
     })
 }
 
-fn true_condition<'a>(job: &'a Job, types: &[&str]) -> Option<&'a JobCondition> {
+fn true_condition<'a>(job: &'a CachedJob, types: &[&str]) -> Option<&'a JobCondition> {
     job.status
         .as_ref()?
         .conditions
@@ -111,7 +112,7 @@ fn true_condition<'a>(job: &'a Job, types: &[&str]) -> Option<&'a JobCondition> 
 }
 
 /// Whether a run's Job has ended: `Complete` or `Failed`.
-pub fn ended(job: &Job) -> bool {
+pub fn ended(job: &CachedJob) -> bool {
     true_condition(job, &["Complete", "Failed"]).is_some()
 }
 
@@ -120,19 +121,19 @@ pub fn ended(job: &Job) -> bool {
 /// sets `SuccessCriteriaMet`/`FailureTarget` first and the terminal condition
 /// only once every pod has terminated), so a finished run can still hold its
 /// GPUs for a moment: sweeps count it against `maxConcurrentTrials` until then.
-pub fn holds_resources(job: &Job) -> bool {
+pub fn holds_resources(job: &CachedJob) -> bool {
     let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
     !suspended && !ended(job)
 }
 
 /// When the run started (the Job's `startTime`, reset when it is resumed).
-pub fn start_time(job: &Job) -> Option<Time> {
+pub fn start_time(job: &CachedJob) -> Option<Time> {
     job.status.as_ref()?.start_time.clone()
 }
 
 /// When the run finished: `completionTime`, or the time the Job was marked
 /// failed.
-pub fn finish_time(job: &Job) -> Option<Time> {
+pub fn finish_time(job: &CachedJob) -> Option<Time> {
     if let Some(t) = job.status.as_ref().and_then(|s| s.completion_time.clone()) {
         return Some(t);
     }
@@ -170,7 +171,7 @@ enum Cause {
 }
 
 /// Terminated containers of a pod, init containers first.
-fn terminated(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+fn terminated(pod: &CachedPod) -> impl Iterator<Item = &CachedContainerStatus> {
     let status = pod.status.as_ref();
     let init = status
         .and_then(|s| s.init_container_statuses.as_deref())
@@ -181,12 +182,12 @@ fn terminated(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
         .filter(|c| c.state.as_ref().and_then(|s| s.terminated.as_ref()).is_some())
 }
 
-fn pod_failed(pod: &Pod) -> bool {
+fn pod_failed(pod: &CachedPod) -> bool {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
 }
 
 /// When the pod's first failing container stopped (for ordering).
-fn failed_at(pod: &Pod) -> Option<i64> {
+fn failed_at(pod: &CachedPod) -> Option<i64> {
     terminated(pod)
         .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
         .filter(|t| t.exit_code != 0)
@@ -194,7 +195,7 @@ fn failed_at(pod: &Pod) -> Option<i64> {
         .min()
 }
 
-fn pod_cause(pod: &Pod) -> Option<Cause> {
+fn pod_cause(pod: &CachedPod) -> Option<Cause> {
     let oom = terminated(pod).find(|c| {
         c.state
             .as_ref()
@@ -233,8 +234,8 @@ fn pod_cause(pod: &Pod) -> Option<Cause> {
 
 /// The cause of a failed run: OOMKilled anywhere wins; else the pod that
 /// failed first (in a distributed run the other ranks fail because of it).
-fn failure_cause(pods: &[Pod]) -> Option<(String, Cause)> {
-    let mut failed: Vec<&Pod> = pods
+fn failure_cause(pods: &[CachedPod]) -> Option<(String, Cause)> {
+    let mut failed: Vec<&CachedPod> = pods
         .iter()
         .filter(|p| pod_failed(p) || failed_at(p).is_some())
         .collect();
@@ -251,7 +252,7 @@ fn failure_cause(pods: &[Pod]) -> Option<(String, Cause)> {
     }
 }
 
-fn memory_limit(job: &Job, container: &str) -> Option<String> {
+fn memory_limit(job: &CachedJob, container: &str) -> Option<String> {
     let spec = job.spec.as_ref()?.template.spec.as_ref()?;
     let c = spec
         .containers
@@ -261,7 +262,7 @@ fn memory_limit(job: &Job, container: &str) -> Option<String> {
     Some(c.resources.as_ref()?.limits.as_ref()?.get("memory")?.0.clone())
 }
 
-fn failed_state(job: &Job, condition: &JobCondition, pods: &[Pod]) -> RunState {
+fn failed_state(job: &CachedJob, condition: &JobCondition, pods: &[CachedPod]) -> RunState {
     let job_reason = condition.reason.clone().unwrap_or_else(|| "Failed".into());
     let job_message = condition.message.clone().unwrap_or_default();
     if job_reason == "DeadlineExceeded" {
@@ -329,8 +330,8 @@ fn failed_state(job: &Job, condition: &JobCondition, pods: &[Pod]) -> RunState {
     }
 }
 
-fn active_state(job: &Job, pods: &[Pod]) -> RunState {
-    let live: Vec<&Pod> = pods
+fn active_state(job: &CachedJob, pods: &[CachedPod]) -> RunState {
+    let live: Vec<&CachedPod> = pods
         .iter()
         .filter(|p| {
             !matches!(
@@ -404,7 +405,7 @@ fn active_state(job: &Job, pods: &[Pod]) -> RunState {
 
 /// The state of a run from its Job and the Job's pods (any order; pods of
 /// other Jobs must not be passed).
-pub fn run_state(job: &Job, pods: &[Pod]) -> RunState {
+pub fn run_state(job: &CachedJob, pods: &[CachedPod]) -> RunState {
     if true_condition(job, &["Complete", "SuccessCriteriaMet"]).is_some() {
         return RunState::new(RunPhase::Succeeded, "Completed", "the run completed successfully");
     }
@@ -527,7 +528,7 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
-    fn job(status: Value) -> Job {
+    fn job(status: Value) -> CachedJob {
         serde_json::from_value(json!({
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -560,12 +561,12 @@ mod tests {
         assert!(!holds_resources(&suspended));
     }
 
-    fn with(mut j: Job, f: impl FnOnce(&mut Job)) -> Job {
+    fn with(mut j: CachedJob, f: impl FnOnce(&mut CachedJob)) -> CachedJob {
         f(&mut j);
         j
     }
 
-    fn pod(name: &str, status: Value) -> Pod {
+    fn pod(name: &str, status: Value) -> CachedPod {
         serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "vision", "labels": {"batch.kubernetes.io/job-name": "resnet-3"}},
@@ -577,7 +578,7 @@ mod tests {
 
     const BACKOFF_MESSAGE: &str = "Job has reached the specified backoff limit";
 
-    fn failed_job(reason: &str, failed: i32) -> Job {
+    fn failed_job(reason: &str, failed: i32) -> CachedJob {
         job(json!({
             "failed": failed,
             "startTime": "2026-01-01T00:00:00Z",
@@ -589,7 +590,7 @@ mod tests {
         }))
     }
 
-    fn exited(name: &str, code: i32, reason: &str, message: Option<&str>, finished: &str) -> Pod {
+    fn exited(name: &str, code: i32, reason: &str, message: Option<&str>, finished: &str) -> CachedPod {
         let mut terminated = json!({"exitCode": code, "reason": reason, "finishedAt": finished});
         if let Some(m) = message {
             terminated["message"] = json!(m);

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -48,7 +48,9 @@ use crate::api::experiment::PinnedInput;
 use crate::api::{
     NewCondition, Pipeline, PipelineRunStatus, PipelineStatus, READY, RunPhase, StepStatus, set_condition,
 };
-use crate::controllers::experiment::observe::{Caches, Expect, caches, drive};
+use crate::controllers::cached::{CachedJob, CachedPod};
+use crate::controllers::compute_cluster::observe::Caches as ClusterCaches;
+use crate::controllers::experiment::observe::{Caches, Expect, RunTriggers, caches, drive};
 use crate::controllers::experiment::reconcile::{RESULT_ANNOTATION, RunResult};
 use crate::controllers::experiment::status::{CANCEL_ANNOTATION, cancel_patch, finish_time, run_state, start_time};
 use crate::controllers::experiment::validate::RUN_INDEX_LABEL;
@@ -92,7 +94,7 @@ impl std::ops::Deref for PipelineContext {
 }
 
 /// Runs the controller until `stop` is cancelled.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Context>, cluster: Arc<ClusterCaches>, triggers: RunTriggers, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (store, stream) = guarded_watch(Api::<DeserializeGuard<Pipeline>>::all(client.clone()), watch_config());
     // A new spec or a changed annotation (`mlplane.io/rerun`) is work; the
@@ -101,7 +103,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         predicates::generation.combine(predicates::annotations),
         Default::default(),
     );
-    let (caches, streams) = caches(&client, PIPELINE_LABEL);
+    let (caches, streams) = caches(&client, PIPELINE_LABEL, &cluster, triggers);
     // Pipelines write their status on the reconcile's task (write_now);
     // the one worker only retries.
     let statuses = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), 1, stop.clone());
@@ -266,7 +268,8 @@ pub async fn reconcile(cached: &Pipeline, ctx: &PipelineContext) -> Result<Actio
     let name = pl.name_any();
     let generation = pl.metadata.generation.unwrap_or_default();
     let api: Api<Pipeline> = Api::namespaced(ctx.client.clone(), &ns);
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    // Patch answers stand in for the cache: they decode as it holds Jobs.
+    let jobs_api: Api<CachedJob> = Api::namespaced(ctx.client.clone(), &ns);
     let now = now_seconds();
     let mut status = pl.status.clone().unwrap_or_default();
     // What status is now on the server (start_run may write it).
@@ -577,8 +580,8 @@ fn job_ref(ns: &str, job: &str) -> ObjectReference {
 async fn supersede(
     pl: &Pipeline,
     ctx: &PipelineContext,
-    jobs_api: &Api<Job>,
-    all_jobs: &[Job],
+    jobs_api: &Api<CachedJob>,
+    all_jobs: &[CachedJob],
     run: &mut PipelineRunStatus,
     why: &str,
     now: &Time,
@@ -632,8 +635,8 @@ async fn supersede(
 async fn drive_run(
     pl: &Pipeline,
     ctx: &PipelineContext,
-    jobs_api: &Api<Job>,
-    all_jobs: &[Job],
+    jobs_api: &Api<CachedJob>,
+    all_jobs: &[CachedJob],
     run: &mut PipelineRunStatus,
     now: &Time,
 ) -> Result<()> {
@@ -674,7 +677,7 @@ async fn drive_run(
 
     // Observe: this run's step Jobs (and, while unrecorded, their pods).
     let index_label = index.to_string();
-    let mut by_step: BTreeMap<usize, Job> = all_jobs
+    let mut by_step: BTreeMap<usize, CachedJob> = all_jobs
         .iter()
         .filter(|j| j.labels().get(RUN_INDEX_LABEL) == Some(&index_label))
         .filter_map(|j| Some((*dag.index.get(j.labels().get(STEP_LABEL)?)?, j.clone())))
@@ -852,15 +855,16 @@ async fn drive_run(
 async fn start_step(
     pl: &Pipeline,
     ctx: &PipelineContext,
-    jobs_api: &Api<Job>,
+    jobs_api: &Api<CachedJob>,
     rc: &RunContext<'_>,
     i: usize,
-) -> Result<Job> {
+) -> Result<CachedJob> {
     let rs = step::run_spec(rc, i).map_err(|e| Error::InvalidObject(e.message))?;
     let objs = build_run(&rs).map_err(|e| Error::InvalidObject(StepError::build(i, e).message))?;
     let step_name = &pl.spec.steps[i].name;
     let uid = pl.uid().unwrap_or_default();
-    let job = match jobs_api.create(&PostParams::default(), &objs.job).await {
+    let create: Api<Job> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let job = match create.create(&PostParams::default(), &objs.job).await {
         Ok(j) => {
             ctx.metrics.pipeline_steps.with_label_values(&["started"]).inc();
             ctx.event_related(
@@ -875,7 +879,7 @@ async fn start_step(
                 Some(job_ref(&rs.namespace, &rs.name)),
             )
             .await;
-            j
+            CachedJob::from(&j)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let found = jobs_api.get(&rs.name).await?;
@@ -901,17 +905,17 @@ async fn record_step_end(
     pl: &Pipeline,
     ctx: &PipelineContext,
     tracking: &TrackingClient,
-    jobs_api: &Api<Job>,
+    jobs_api: &Api<CachedJob>,
     rc: &RunContext<'_>,
     i: usize,
-    job: &mut Job,
+    job: &mut CachedJob,
     salted: bool,
 ) -> Result<RunResult> {
     let ns = pl.namespace().unwrap_or_default();
     let job_name = job.name_any();
     let step_name = pl.spec.steps[i].name.clone();
     // The cause of a failure from the pods as they are now (recorded once).
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<CachedPod> = Api::namespaced(ctx.client.clone(), &ns);
     let listed = pods
         .list(&ListParams::default().labels(&format!("{RUN_LABEL}={job_name}")))
         .await?

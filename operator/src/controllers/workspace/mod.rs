@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{
-    LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, Secret, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, PersistentVolumeClaim, ResourceQuota, Secret, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -27,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 use self::build::*;
 use super::apply::{apply_if_changed, patch_status_if_changed};
+use super::cached::{CachedJob, CachedPod};
 use super::compute_cluster::observe::Caches as ClusterCaches;
 use super::experiment::status::ended;
 use super::{Context, Error, Result, error_policy, guarded_watch, watch_config};
@@ -398,7 +396,11 @@ async fn finalize(
 
 /// Requests of the namespace's unfinished pods and its active run Jobs
 /// (neither Complete nor Failed). `pods` and `jobs` may span namespaces.
-fn usage<'a>(pods: impl Iterator<Item = &'a Pod>, jobs: impl Iterator<Item = &'a Job>, ns: &str) -> WorkspaceUsage {
+fn usage<'a>(
+    pods: impl Iterator<Item = &'a CachedPod>,
+    jobs: impl Iterator<Item = &'a CachedJob>,
+    ns: &str,
+) -> WorkspaceUsage {
     let (mut cpu, mut mem, mut gpu) = (0.0, 0.0, 0.0);
     for p in pods.filter(|p| p.metadata.namespace.as_deref() == Some(ns)) {
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -432,7 +434,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(ns: &str, phase: &str, cpu: &str, gpu: Option<&str>) -> Pod {
+    fn pod(ns: &str, phase: &str, cpu: &str, gpu: Option<&str>) -> CachedPod {
         let mut requests = json!({"cpu": cpu, "memory": "1Gi"});
         if let Some(g) = gpu {
             requests["nvidia.com/gpu"] = json!(g);
@@ -445,7 +447,7 @@ mod tests {
         .unwrap()
     }
 
-    fn job(ns: &str, condition: Option<&str>) -> Job {
+    fn job(ns: &str, condition: Option<&str>) -> CachedJob {
         let conditions: Vec<_> = condition
             .into_iter()
             .map(|t| json!({"type": t, "status": "True"}))

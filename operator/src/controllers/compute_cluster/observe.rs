@@ -5,8 +5,10 @@
 //! stripped to the fields the autoscaler reads, plus the controller's own
 //! recent writes that the watches have not delivered yet.
 //!
-//! Owns: those reflectors, the stripping, and [`Written`]. Must not write
-//! anything. (The Experiment controller keeps its own small pod cache.)
+//! Owns: those reflectors, the stripping, the label indexes of pods and run
+//! Jobs, and [`Written`]. Must not write anything. The pod and run Job
+//! stores are the operator's only ones: the Workspace, Experiment and
+//! Pipeline controllers read them too.
 //!
 //! Pods are cached cluster-wide (pending pods anywhere may select a cluster;
 //! pods on pool nodes use their capacity; pods of workspace namespaces count

@@ -63,17 +63,7 @@ where
         stop: CancellationToken,
         what: &'static str,
     ) {
-        let mut source = std::pin::pin!(source);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                item = source.next() => match item {
-                    None => return,
-                    Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
-                    Some(Ok(obj)) => self.send(&obj),
-                },
-            }
-        }
+        super::drive_each(source, stop, what, |obj| self.send(&obj)).await
     }
 }
 

@@ -274,14 +274,25 @@ pub type Touched<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Err
 
 /// Polls a cache-filling stream until `stop` fires (errors are retried by
 /// the watcher's backoff and only logged).
-pub async fn drive<K>(mut stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
+pub async fn drive<K>(stream: Touched<K>, stop: tokio_util::sync::CancellationToken, what: &'static str) {
+    drive_each(stream, stop, what, |_| {}).await
+}
+
+/// [`drive`], handing every object the stream yields to `each`.
+pub async fn drive_each<K>(
+    stream: impl Stream<Item = Result<K, watcher::Error>>,
+    stop: tokio_util::sync::CancellationToken,
+    what: &'static str,
+    mut each: impl FnMut(K),
+) {
+    let mut stream = std::pin::pin!(stream);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             item = stream.next() => match item {
                 None => return,
                 Some(Err(e)) => tracing::debug!(error = %e, what, "watch error"),
-                Some(Ok(_)) => {}
+                Some(Ok(obj)) => each(obj),
             },
         }
     }

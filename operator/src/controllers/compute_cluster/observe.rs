@@ -78,13 +78,13 @@ pub fn strip_pod_spec(spec: &mut PodSpec) {
 
 /// Annotations of pods the caches read: static (mirror) pods, Indexed Job
 /// completion indexes, the operator's own.
-pub fn pod_annotation_kept(key: &str) -> bool {
+fn pod_annotation_kept(key: &str) -> bool {
     key == MIRROR_ANNOTATION || key.starts_with("batch.kubernetes.io/") || key.starts_with("mlplane.io/")
 }
 
 /// Annotations of Jobs the caches read: the operator's own (run
 /// parameters, results, queue and cancellation).
-pub fn job_annotation_kept(key: &str) -> bool {
+fn job_annotation_kept(key: &str) -> bool {
     key.starts_with("mlplane.io/")
 }
 

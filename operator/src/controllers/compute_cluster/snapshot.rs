@@ -320,6 +320,16 @@ pub fn snapshot(
     };
 
     // Pools: labels, taints, DaemonSet overhead.
+    // Each DaemonSet's placement and requests, worked out once for all pools.
+    let daemons: Vec<(Constraints, Resources)> = objects
+        .daemonsets
+        .iter()
+        .filter_map(|ds| ds.spec.as_ref()?.template.spec.as_ref())
+        .map(|spec| {
+            let spec = CachedPodSpec::from(spec);
+            (Constraints::of(&spec), pod_requests(&spec, None))
+        })
+        .collect();
     let mut pools: Vec<PoolInput> = pools_spec
         .iter()
         .zip(&checked.capacities)
@@ -327,13 +337,9 @@ pub fn snapshot(
             let labels = pool_labels(&cluster, p);
             let taints = pool_taints(&cluster, p);
             let mut shape = cap.clone();
-            for ds in objects.daemonsets {
-                let Some(spec) = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else {
-                    continue;
-                };
-                let spec = CachedPodSpec::from(spec);
-                if Constraints::of(&spec).mismatch(&labels, &taints).is_none() {
-                    shape.sub(&pod_requests(&spec, None));
+            for (constraints, requests) in &daemons {
+                if constraints.mismatch(&labels, &taints).is_none() {
+                    shape.sub(requests);
                 }
             }
             PoolInput {

@@ -225,6 +225,19 @@ fn recode<T: serde::de::DeserializeOwned + Default>(full: &impl serde::Serialize
         })
 }
 
+/// Creates `job` in its namespace and decodes the API server's answer
+/// straight into a [`CachedJob`]: the full Job (with its managedFields) is
+/// never built, and no second decode is made to cache it.
+pub async fn create_job(client: &kube::Client, namespace: &str, job: &Job) -> kube::Result<CachedJob> {
+    let api: kube::Api<Job> = kube::Api::namespaced(client.clone(), namespace);
+    let bytes = serde_json::to_vec(job).map_err(kube::Error::SerdeError)?;
+    let mut req = kube::core::Request::new(api.resource_url())
+        .create(&kube::api::PostParams::default(), bytes)
+        .map_err(kube::Error::BuildRequest)?;
+    req.extensions_mut().insert("create");
+    client.request::<CachedJob>(req).await
+}
+
 impl From<&Job> for CachedJob {
     fn from(job: &Job) -> Self {
         recode(job)

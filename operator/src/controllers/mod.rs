@@ -13,6 +13,7 @@ pub mod label_index;
 pub mod model_deployment;
 pub mod pinning;
 pub mod pipeline;
+pub mod priority;
 pub mod run;
 pub mod status_writer;
 pub mod workspace;
@@ -59,12 +60,17 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub settings: Settings,
+    /// Foreground writes (run Jobs, serving Deployments) go before
+    /// bookkeeping (status, Events): see [`priority`].
+    pub foreground: priority::Foreground,
     failures: Mutex<HashMap<String, u32>>,
     events: tokio::sync::mpsc::Sender<QueuedEvent>,
 }
 
-/// Events waiting to be published (see [`Context::event`]).
-pub const EVENT_QUEUE: usize = 1024;
+/// Events waiting to be published (see [`Context::event`]): room for a
+/// burst of a few thousand new runs while publishing is deferred behind
+/// their Job creates ([`priority`]); about half a KiB each.
+pub const EVENT_QUEUE: usize = 4096;
 /// Tasks publishing events.
 pub const EVENT_PUBLISHERS: usize = 4;
 
@@ -77,12 +83,14 @@ impl Context {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let (events, queue) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let foreground = priority::Foreground::default();
         for _ in 0..EVENT_PUBLISHERS {
             tokio::spawn(publish_events(
                 client.clone(),
                 reporter.clone(),
                 recorder.clone(),
                 queue.clone(),
+                foreground.clone(),
             ));
         }
         Arc::new(Self {
@@ -90,6 +98,7 @@ impl Context {
             client,
             metrics,
             settings,
+            foreground,
             failures: Mutex::default(),
             events,
         })
@@ -198,11 +207,13 @@ async fn publish_events(
     reporter: Reporter,
     recorder: Recorder,
     queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<QueuedEvent>>>,
+    foreground: priority::Foreground,
 ) {
     loop {
         let Some(q) = queue.lock().await.recv().await else {
             return;
         };
+        foreground.wait_turn().await;
         let result = if q.distinct {
             Recorder::new(client.clone(), reporter.clone())
                 .publish(&q.event, &q.reference)

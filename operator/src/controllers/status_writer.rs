@@ -8,7 +8,8 @@
 //! wait for (creating run Jobs), and under a flood of new objects the status
 //! updates trail by the queue's length instead of holding up every start —
 //! the same trade Kubernetes' Job controller makes by batching its status
-//! updates.
+//! updates. The workers also yield to foreground writes (run Jobs, serving
+//! Deployments: [`super::priority`]), for at most two seconds at a time.
 //!
 //! [`StatusWriter::current`] is the status a reconcile must compare against:
 //! the one waiting to be written, else the last one written while the
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Error;
 use super::apply::FIELD_MANAGER;
+use super::priority::Foreground;
 use crate::runtime::metrics::Metrics;
 
 /// How long a written status stands in for a cache that has not shown it.
@@ -91,6 +93,7 @@ where
     pub fn start(
         api_for: impl Fn(&Key) -> Api<K> + Send + Sync + 'static,
         metrics: Metrics,
+        foreground: Foreground,
         workers: usize,
         stop: CancellationToken,
     ) -> Self {
@@ -109,6 +112,7 @@ where
                 shared.clone(),
                 api_for.clone(),
                 metrics.clone(),
+                foreground.clone(),
                 stop.clone(),
             ));
         }
@@ -120,7 +124,13 @@ where
 
     /// [`Self::start`] for a namespaced kind: each object's API is its
     /// namespace's.
-    pub fn start_namespaced(client: &Client, metrics: Metrics, workers: usize, stop: CancellationToken) -> Self
+    pub fn start_namespaced(
+        client: &Client,
+        metrics: Metrics,
+        foreground: Foreground,
+        workers: usize,
+        stop: CancellationToken,
+    ) -> Self
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     {
@@ -128,6 +138,7 @@ where
         Self::start(
             move |key| Api::namespaced(client.clone(), key.namespace.as_deref().unwrap_or_default()),
             metrics,
+            foreground,
             workers,
             stop,
         )
@@ -225,13 +236,24 @@ fn take_next<S: Clone>(state: &mut State<S>) -> Option<(Key, S, u32)> {
 
 type ApiFor<K> = Arc<dyn Fn(&Key) -> Api<K> + Send + Sync>;
 
-async fn work<K, S>(shared: Arc<Shared<S>>, api_for: ApiFor<K>, metrics: Metrics, stop: CancellationToken)
-where
+async fn work<K, S>(
+    shared: Arc<Shared<S>>,
+    api_for: ApiFor<K>,
+    metrics: Metrics,
+    foreground: Foreground,
+    stop: CancellationToken,
+) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize + Clone + PartialEq + Send + Sync + 'static,
 {
     let kind = K::kind(&()).to_string();
     loop {
+        // Deferred behind foreground writes before an object is taken, so
+        // that statuses submitted meanwhile replace the one waiting.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = foreground.wait_turn() => {}
+        }
         let next = {
             let mut state = shared.state.lock().expect("status writer lock");
             take_next(&mut state)

@@ -60,6 +60,7 @@ pub async fn run(ctx: Arc<Context>, caches: Arc<observe::Caches>, streams: obser
     let statuses = StatusWriter::start(
         move |_| Api::all(status_client.clone()),
         ctx.metrics.clone(),
+        ctx.foreground.clone(),
         1,
         stop.clone(),
     );

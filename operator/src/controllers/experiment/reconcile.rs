@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{SecretKeySelector, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -119,7 +118,13 @@ pub async fn run(ctx: Arc<Context>, cluster: Arc<ClusterCaches>, triggers: RunTr
         Default::default(),
     );
     let (caches, streams) = caches(&client, EXPERIMENT_LABEL, &cluster, triggers);
-    let status = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), STATUS_WRITERS, stop.clone());
+    let status = StatusWriter::start_namespaced(
+        &client,
+        ctx.metrics.clone(),
+        ctx.foreground.clone(),
+        STATUS_WRITERS,
+        stop.clone(),
+    );
     let ectx = Arc::new(ExperimentContext {
         base: ctx,
         caches,
@@ -944,6 +949,8 @@ async fn start_run(
             return Ok(Err((e.reason.to_string(), e.message)));
         }
     };
+    // The writes that start the run go before status and Events (priority).
+    let busy = ctx.foreground.begin();
     if let Some(svc) = &objs.service {
         let services: Api<Service> = Api::namespaced(ctx.client.clone(), &rs.namespace);
         match services.create(&PostParams::default(), svc).await {
@@ -952,8 +959,9 @@ async fn start_run(
             Err(e) => return Err(e.into()),
         }
     }
-    let create: Api<Job> = Api::namespaced(ctx.client.clone(), &rs.namespace);
-    let job = match create.create(&PostParams::default(), &objs.job).await {
+    let created = crate::controllers::cached::create_job(&ctx.client, &rs.namespace, &objs.job).await;
+    drop(busy);
+    let job = match created {
         Ok(j) => {
             let what = match trial {
                 Some(t) => format!("trial {t} as Job {run_name}"),
@@ -971,7 +979,7 @@ async fn start_run(
                 format!("started {what}"),
             )
             .await;
-            CachedJob::from(&j)
+            j
         }
         // Made before a restart (or by a concurrent reconcile): found.
         Err(e) if is_already_exists(&e) => jobs.get(&run_name).await?,

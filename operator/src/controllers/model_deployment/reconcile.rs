@@ -51,6 +51,7 @@ use super::services::{SERVICE_WRITERS, ServiceWriter};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus};
 use crate::controllers::apply::{apply_changed, up_to_date};
+use crate::controllers::priority::Foreground;
 use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Error, Result, drive, error_policy, guarded_watch, watch_config};
 
@@ -161,7 +162,13 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         SERVICE_WRITERS,
         stop.clone(),
     );
-    let status = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), STATUS_WRITERS, stop.clone());
+    let status = StatusWriter::start_namespaced(
+        &client,
+        ctx.metrics.clone(),
+        ctx.foreground.clone(),
+        STATUS_WRITERS,
+        stop.clone(),
+    );
     let mctx = Arc::new(ModelDeploymentContext {
         base: ctx,
         caches,
@@ -291,19 +298,27 @@ pub(super) enum Synced {
 /// Applies `desired` unless what is live already contains it. What is live
 /// comes from the cache (with this process's writes laid over); when that has
 /// nothing, from a GET: the object may be ours and not cached yet, or
-/// someone else's, which is never taken over.
+/// someone else's, which is never taken over. With `foreground`, the GET and
+/// the write count as foreground writes ([`crate::controllers::priority`]).
 pub(super) async fn sync_child<K>(
     api: &Api<K>,
     cache: &ChildCache<K>,
     desired: &K,
     uid: &str,
     kind: &str,
+    foreground: Option<&Foreground>,
 ) -> Result<Synced>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let name = desired.name_any();
-    let live = match cache.get(&desired.namespace().unwrap_or_default(), &name) {
+    let cached = cache.get(&desired.namespace().unwrap_or_default(), &name);
+    let writing = match &cached {
+        None => true,
+        Some(live) => !up_to_date(live, desired)?,
+    };
+    let _busy = foreground.filter(|_| writing).map(Foreground::begin);
+    let live = match cached {
         Some(live) => Some(live),
         None => api.get_opt(&name).await?,
     };
@@ -345,23 +360,29 @@ async fn sync_children(
 ) -> Result<BTreeMap<String, String>> {
     let caches = &ctx.caches;
     let (deployments, autoscalers, route) = futures::try_join!(
+        // The serving Deployments are what users wait for: foreground
+        // (priority), ahead of Services, status and Events.
         try_join_all(c.deployments.iter().map(|d| sync_child(
             &apis.deployments,
             &caches.deployments,
             d,
             uid,
-            "Deployment"
+            "Deployment",
+            Some(&ctx.foreground)
         ))),
         try_join_all(c.autoscalers.iter().map(|a| sync_child(
             &apis.autoscalers,
             &caches.autoscalers,
             a,
             uid,
-            "HorizontalPodAutoscaler"
+            "HorizontalPodAutoscaler",
+            None
         ))),
         async {
             match (&caches.routes, &c.route) {
-                (Some(cache), Some(r)) => sync_child(&apis.routes, cache, r, uid, "HTTPRoute").await.map(Some),
+                (Some(cache), Some(r)) => sync_child(&apis.routes, cache, r, uid, "HTTPRoute", None)
+                    .await
+                    .map(Some),
                 _ => Ok(None),
             }
         },

@@ -209,6 +209,12 @@ impl ServiceWriter {
 
 async fn work(inner: Arc<Inner>, stop: CancellationToken) {
     loop {
+        // After the serving Deployments (priority): nothing is routed to a
+        // Service before its pods are ready anyway.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = inner.ctx.foreground.wait_turn() => {}
+        }
         let next = inner.queue.lock().expect("service writer lock").take_next();
         let Some((uid, batch)) = next else {
             tokio::select! {
@@ -232,7 +238,7 @@ async fn write(inner: &Inner, uid: &str, batch: &Batch) {
         batch
             .services
             .iter()
-            .map(|s| sync_child(&api, &inner.cache, s, uid, "Service")),
+            .map(|s| sync_child(&api, &inner.cache, s, uid, "Service", None)),
     )
     .await;
     let (mut created, mut updated) = (vec![], vec![]);

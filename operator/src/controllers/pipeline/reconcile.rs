@@ -28,12 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -106,7 +105,8 @@ pub async fn run(ctx: Arc<Context>, cluster: Arc<ClusterCaches>, triggers: RunTr
     let (caches, streams) = caches(&client, PIPELINE_LABEL, &cluster, triggers);
     // Pipelines write their status on the reconcile's task (write_now);
     // the one worker only retries.
-    let statuses = StatusWriter::start_namespaced(&client, ctx.metrics.clone(), 1, stop.clone());
+    let statuses =
+        StatusWriter::start_namespaced(&client, ctx.metrics.clone(), ctx.foreground.clone(), 1, stop.clone());
     let pctx = Arc::new(PipelineContext {
         base: ctx,
         caches,
@@ -863,8 +863,11 @@ async fn start_step(
     let objs = build_run(&rs).map_err(|e| Error::InvalidObject(StepError::build(i, e).message))?;
     let step_name = &pl.spec.steps[i].name;
     let uid = pl.uid().unwrap_or_default();
-    let create: Api<Job> = Api::namespaced(ctx.client.clone(), &rs.namespace);
-    let job = match create.create(&PostParams::default(), &objs.job).await {
+    // The write that starts the step goes before status and Events (priority).
+    let busy = ctx.foreground.begin();
+    let created = crate::controllers::cached::create_job(&ctx.client, &rs.namespace, &objs.job).await;
+    drop(busy);
+    let job = match created {
         Ok(j) => {
             ctx.metrics.pipeline_steps.with_label_values(&["started"]).inc();
             ctx.event_related(
@@ -879,7 +882,7 @@ async fn start_step(
                 Some(job_ref(&rs.namespace, &rs.name)),
             )
             .await;
-            CachedJob::from(&j)
+            j
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let found = jobs_api.get(&rs.name).await?;

@@ -288,7 +288,13 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
             children.services.push(service::endpoint_service(md, &p));
         }
     }
-    if let Some(settings) = config.routes {
+    // No route until a deployment can take traffic: a route whose weights
+    // are all 0 serves nothing, and under a burst of new ModelDeployments
+    // writing it early would stand in the API server's queue ahead of
+    // other Deployments. Once traffic has been effective the route stays,
+    // whatever becomes of its backends.
+    let serving = !(effective.is_empty() && prev_effective.is_empty() && mirror.is_empty());
+    if let Some(settings) = config.routes.filter(|_| serving) {
         if let Some(owner) = foreign("HTTPRoute", &name) {
             problems.push(Problem::new(
                 Severity::Invalid,
@@ -603,6 +609,38 @@ mod tests {
             endpoint.spec.as_ref().unwrap().selector.as_ref().unwrap()["mlplane.io/deployment"],
             "blue"
         );
+    }
+
+    #[test]
+    fn no_route_until_a_deployment_can_take_traffic_and_then_it_stays() {
+        let runtimes = RuntimeCatalog::builtin();
+        let routes = RouteSettings::default();
+        let cfg = config(&runtimes, Some(&routes));
+        // New: nothing available, nothing ever effective.
+        let md = two(json!({"blue": 90, "green": 10}));
+        let (b, g) = (live("resnet-blue", false), live("resnet-green", false));
+        let observed = Observed {
+            deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
+            ..Default::default()
+        };
+        let p = plan(&md, &observed, &cfg, &at(10));
+        assert_eq!(p.children.deployments.len(), 2);
+        assert!(p.children.route.is_none());
+        // Blue available: routed.
+        let b = live("resnet-blue", true);
+        let observed = Observed {
+            deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
+            ..Default::default()
+        };
+        assert!(plan(&md, &observed, &cfg, &at(10)).children.route.is_some());
+        // Blue served before and is gone unready: the route stays.
+        let md = with_effective(md, &[("blue", 100)]);
+        let b = live("resnet-blue", false);
+        let observed = Observed {
+            deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
+            ..Default::default()
+        };
+        assert!(plan(&md, &observed, &cfg, &at(10)).children.route.is_some());
     }
 
     #[test]

@@ -336,6 +336,16 @@ async fn moving_traffic_to_a_deployment_whose_pods_are_not_ready_keeps_the_effec
     .await?;
     let md = wait_md(&api, "resnet", "green serving", is_ready).await?;
     assert_eq!(traffic(&md), split(&[("blue", 0, 0), ("green", 100, 100)]));
+    // The annotation dropped from the spec left the Deployment.
+    let green: Deployment = ns.api().get("resnet-green").await?;
+    let template = green.spec.unwrap().template.metadata.unwrap_or_default();
+    assert!(
+        !template
+            .annotations
+            .unwrap_or_default()
+            .contains_key("sim.mlplane.io/never-ready"),
+        "the removed annotation is gone from the pod template"
+    );
     assert_eq!(
         weights(&routes.get("resnet").await?),
         pairs(&[("resnet-blue", 0), ("resnet-green", 100)])

@@ -68,6 +68,8 @@ pub struct Observed<'a> {
     /// Names of this ModelDeployment's Services that do not exist yet
     /// (their writes are queued: see `super::services`).
     pub creating_services: BTreeSet<String>,
+    /// Whether this ModelDeployment's HTTPRoute exists (it is kept once made).
+    pub route_exists: bool,
 }
 
 /// The children to apply.
@@ -291,9 +293,10 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
     // No route until a deployment can take traffic: a route whose weights
     // are all 0 serves nothing, and under a burst of new ModelDeployments
     // writing it early would stand in the API server's queue ahead of
-    // other Deployments. Once traffic has been effective the route stays,
-    // whatever becomes of its backends.
-    let serving = !(effective.is_empty() && prev_effective.is_empty() && mirror.is_empty());
+    // other Deployments. Once made, the route stays, whatever becomes of
+    // its backends.
+    let serving =
+        observed.route_exists || !(effective.is_empty() && prev_effective.is_empty() && mirror.is_empty());
     if let Some(settings) = config.routes.filter(|_| serving) {
         if let Some(owner) = foreign("HTTPRoute", &name) {
             problems.push(Problem::new(
@@ -634,10 +637,17 @@ mod tests {
         };
         assert!(plan(&md, &observed, &cfg, &at(10)).children.route.is_some());
         // Blue served before and is gone unready: the route stays.
-        let md = with_effective(md, &[("blue", 100)]);
+        let served = with_effective(md.clone(), &[("blue", 100)]);
         let b = live("resnet-blue", false);
         let observed = Observed {
             deployments: BTreeMap::from([("blue".to_string(), &b), ("green".to_string(), &g)]),
+            ..Default::default()
+        };
+        assert!(plan(&served, &observed, &cfg, &at(10)).children.route.is_some());
+        // Both Deployments gone and no traffic effective any more (a status
+        // written since): the route that exists is still kept, not deleted.
+        let observed = Observed {
+            route_exists: true,
             ..Default::default()
         };
         assert!(plan(&md, &observed, &cfg, &at(10)).children.route.is_some());

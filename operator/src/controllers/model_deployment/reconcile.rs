@@ -498,6 +498,11 @@ fn observe<'a>(
             .collect(),
         foreign,
         creating_services: creating_services.clone(),
+        route_exists: ctx.caches.routes.as_ref().is_some_and(|routes| {
+            routes
+                .get(&md.namespace().unwrap_or_default(), &md.name_any())
+                .is_some_and(|r| controller_uid(&r) == md.uid().as_deref())
+        }),
     }
 }
 

@@ -3,7 +3,8 @@
 //! Deployments exist, against the same client creating the same 500
 //! Deployments directly (baseline, same concurrency; the objects come from
 //! the operator's own builder; their namespace is then deleted and waited
-//! for, so that both runs start on a quiet control plane); then the operator's API writes during 60
+//! for, so that both runs start on a quiet control plane; the same 500 by
+//! server-side apply are timed too, as the operator writes them); then the operator's API writes during 60
 //! idle seconds after convergence, and the API server's own rate for
 //! ModelDeployments (the same client, no operator running: the best ratio
 //! possible). Goals: at least 0.8 of the direct rate,
@@ -22,7 +23,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mlplane::api::ModelDeployment;
 use mlplane::controllers::model_deployment::build::deployment::{ServingInput, build};
 use mlplane::controllers::model_deployment::resolve::resolve;
@@ -90,6 +91,30 @@ fn bench_node(i: usize) -> Node {
     .expect("node")
 }
 
+/// Like [`create_all`], by server-side apply (what the operator sends for a
+/// child that does not exist yet), with the operator's field manager.
+async fn apply_all<K, F>(api: &Api<K>, make: F) -> Result<f64>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+    F: Fn(usize) -> K,
+{
+    let start = Instant::now();
+    let pp = PatchParams::apply("mlplane").force();
+    let results: Vec<Result<K, kube::Error>> = stream::iter((0..n()).map(make))
+        .map(|obj| {
+            let (api, pp) = (api.clone(), pp.clone());
+            async move {
+                let name = obj.meta().name.clone().unwrap_or_default();
+                api.patch(&name, &pp, &Patch::Apply(&obj)).await
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 async fn create_all<K, F>(api: &Api<K>, make: F) -> Result<f64>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
@@ -139,6 +164,11 @@ async fn main() -> Result<()> {
     // Their ReplicaSets and pods are still being made: both runs start from
     // a control plane that is done with the other's objects.
     let settle_secs = direct.delete_and_wait(&admin, Duration::from_secs(600)).await?;
+    // The same Deployments by server-side apply: what the API server's
+    // share of the operator's Deployment writes costs.
+    let applied = TestNamespace::create(&admin, "bench-serving-apply").await?;
+    let apply_secs = apply_all(&applied.api::<Deployment>(), |i| direct_deployment(&format!("md-{i}"))).await?;
+    applied.delete_and_wait(&admin, Duration::from_secs(600)).await?;
 
     // The operator, then the ModelDeployments.
     let lease = format!("bench-{}", random_suffix());
@@ -204,6 +234,11 @@ async fn main() -> Result<()> {
     );
     println!(
         "{:<52} {:>10.2}",
+        format!("direct by server-side apply: seconds for {big_n}"),
+        apply_secs
+    );
+    println!(
+        "{:<52} {:>10.2}",
         format!("mlplane: seconds to create {big_n} ModelDeployments"),
         created_secs
     );
@@ -259,8 +294,14 @@ async fn main() -> Result<()> {
         direct_secs / floor_secs
     );
 
-    drop(floor_ns);
-    drop(ns);
+    // Gone before the nodes go (their pods end normally instead of waiting
+    // for PodGC) and before whatever runs next starts.
+    floor_ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
+    let teardown_secs = ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
+    println!(
+        "{:<52} {:>10.1}",
+        "  (the ModelDeployments' namespace gone, seconds)", teardown_secs
+    );
     // Removed once its Services are gone (the API server's finalizer).
     let _ = cidrs.delete("bench-serving", &DeleteParams::default()).await;
     let _ = nodes

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -161,6 +161,26 @@ impl Overlay {
         cached
     }
 
+    /// Whether `job` is exactly what one of this process's writes got back
+    /// (same resourceVersion): the watch's echo of a create or patch whose
+    /// result the reconcile that made it has already used. It need not
+    /// trigger another reconcile.
+    pub fn is_echo(&self, job: &CachedJob) -> bool {
+        let Some(rv) = job.metadata.resource_version.as_deref() else {
+            return false;
+        };
+        let group = (
+            job.metadata.namespace.clone().unwrap_or_default(),
+            job.labels().get(self.parent_label).cloned().unwrap_or_default(),
+        );
+        let entries = self.entries.lock().expect("overlay lock");
+        entries
+            .groups
+            .get(&group)
+            .and_then(|g| g.get(&job.name_any()))
+            .is_some_and(|w| w.job.metadata.resource_version.as_deref() == Some(rv))
+    }
+
     /// Entries held (for tests and debugging).
     pub fn len(&self) -> usize {
         self.entries
@@ -194,7 +214,7 @@ pub struct Caches {
     pub clusters: Store<PartialObjectMeta<ComputeCluster>>,
     pub data_assets: Store<DataAsset>,
     pub workspaces: Store<Workspace>,
-    pub overlay: Overlay,
+    pub overlay: Arc<Overlay>,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
@@ -249,7 +269,15 @@ pub fn caches(
     } else {
         cluster.jobs_by_experiment.clone()
     };
-    let job_stream = triggers.jobs.predicate_filter(job_summary, Default::default()).boxed();
+    let overlay = Arc::new(Overlay::new(parent_label));
+    // The echo of the controller's own Job create (or patch) triggers
+    // nothing: the reconcile that wrote it used the answer.
+    let echo = overlay.clone();
+    let job_stream = triggers
+        .jobs
+        .predicate_filter(job_summary, Default::default())
+        .try_filter(move |job| std::future::ready(!echo.is_echo(job)))
+        .boxed();
     let pods = cluster.pods.clone();
     let pod_index = cluster.pods_by_run.clone();
     let pod_stream = triggers.pods.predicate_filter(pod_summary, Default::default()).boxed();
@@ -284,7 +312,7 @@ pub fn caches(
             clusters,
             data_assets,
             workspaces,
-            overlay: Overlay::new(parent_label),
+            overlay,
             ready: tokio::sync::watch::Sender::new(false),
         },
         Streams {
@@ -473,6 +501,24 @@ mod tests {
                          "labels": {crate::controllers::run::build::EXPERIMENT_LABEL: "e"}},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_watch_echo_of_a_write_is_told_from_later_changes() {
+        let overlay = Overlay::new(crate::controllers::run::build::EXPERIMENT_LABEL);
+        let at = |rv: &str| {
+            let mut j = job("e-1", json!({}));
+            j.metadata.resource_version = Some(rv.into());
+            j
+        };
+        assert!(!overlay.is_echo(&at("7")), "nothing written");
+        overlay.record(&at("7"), Expect::Exists);
+        assert!(overlay.is_echo(&at("7")));
+        assert!(!overlay.is_echo(&at("8")), "a change after the write");
+        assert!(!overlay.is_echo(&job("e-1", json!({}))), "no resourceVersion");
+        let mut other = at("7");
+        other.metadata.name = Some("e-2".into());
+        assert!(!overlay.is_echo(&other));
     }
 
     #[test]

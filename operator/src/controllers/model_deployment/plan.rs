@@ -295,8 +295,7 @@ pub fn plan(md: &ModelDeployment, observed: &Observed<'_>, config: &Config<'_>, 
     // writing it early would stand in the API server's queue ahead of
     // other Deployments. Once made, the route stays, whatever becomes of
     // its backends.
-    let serving =
-        observed.route_exists || !(effective.is_empty() && prev_effective.is_empty() && mirror.is_empty());
+    let serving = observed.route_exists || !(effective.is_empty() && prev_effective.is_empty() && mirror.is_empty());
     if let Some(settings) = config.routes.filter(|_| serving) {
         if let Some(owner) = foreign("HTTPRoute", &name) {
             problems.push(Problem::new(

@@ -312,22 +312,27 @@ where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let name = desired.name_any();
-    let cached = cache.get(&desired.namespace().unwrap_or_default(), &name);
-    let writing = match &cached {
-        None => true,
-        Some(live) => !up_to_date(live, desired)?,
+    let foreign = |l: &K| Synced::Foreign(format!("{kind}/{name}"), controller_of(l));
+    // Compared once: a cached child is either up to date (nothing to send)
+    // or applied without comparing again.
+    let (live, compared) = match cache.get(&desired.namespace().unwrap_or_default(), &name) {
+        Some(l) if controller_uid(&l) != Some(uid) => return Ok(foreign(&l)),
+        Some(l) if up_to_date(&l, desired)? => return Ok(Synced::Unchanged),
+        Some(l) => (Some(l), true),
+        None => (None, false),
     };
-    let _busy = foreground.filter(|_| writing).map(Foreground::begin);
-    let live = match cached {
-        Some(live) => Some(live),
+    let _busy = foreground.map(Foreground::begin);
+    let live = match live {
+        Some(l) => Some(l),
         None => api.get_opt(&name).await?,
     };
     if let Some(l) = &live
         && controller_uid(l) != Some(uid)
     {
-        return Ok(Synced::Foreign(format!("{kind}/{name}"), controller_of(l)));
+        return Ok(foreign(l));
     }
-    match apply_changed(api, live.as_ref(), desired).await? {
+    let against = if compared { None } else { live.as_ref() };
+    match apply_changed(api, against, desired).await? {
         Some(written) => {
             cache.record(&written);
             Ok(if live.is_none() {

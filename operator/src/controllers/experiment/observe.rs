@@ -93,12 +93,17 @@ impl Overlay {
         }
     }
 
-    /// Remembers a Job the API server returned for a write of ours.
-    pub fn record(&self, job: &CachedJob, expect: Expect) {
-        let group = (
+    /// The group of `job`: its namespace and parent label value.
+    fn group_of(&self, job: &CachedJob) -> (String, String) {
+        (
             job.metadata.namespace.clone().unwrap_or_default(),
             job.labels().get(self.parent_label).cloned().unwrap_or_default(),
-        );
+        )
+    }
+
+    /// Remembers a Job the API server returned for a write of ours.
+    pub fn record(&self, job: &CachedJob, expect: Expect) {
+        let group = self.group_of(job);
         let mut entries = self.entries.lock().expect("overlay lock");
         // A second write to the same Job: its answer includes the first.
         entries.groups.entry(group).or_default().insert(
@@ -169,10 +174,7 @@ impl Overlay {
         let Some(rv) = job.metadata.resource_version.as_deref() else {
             return false;
         };
-        let group = (
-            job.metadata.namespace.clone().unwrap_or_default(),
-            job.labels().get(self.parent_label).cloned().unwrap_or_default(),
-        );
+        let group = self.group_of(job);
         let entries = self.entries.lock().expect("overlay lock");
         entries
             .groups

@@ -1400,3 +1400,59 @@ impl Operator {
         Ok(true)
     }
 }
+
+/// The names of the `K` that one watch of `api` (objects with `labels`) has
+/// seen, kept up to date by a background task until the handle is aborted.
+/// Benchmarks count objects this way instead of polling lists: a list of
+/// 1,000 Jobs every 100 ms cost the API server about 5% of its CPU, and a
+/// watch's JSON encoding of each object is the one the API server already
+/// made for the operator's own watch.
+pub fn watch_names<K>(
+    api: Api<K>,
+    labels: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+{
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let names = seen.clone();
+    let cfg = watcher::Config::default().labels(labels);
+    let task = tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher(api, cfg));
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    names.lock().expect("names").insert(o.name_any());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("[mlplane-test-support] watch of {}: {e}", std::any::type_name::<K>());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Creates `make(0..n)` through `api` with `concurrency` requests in flight;
+/// seconds taken. Benchmarks time their baselines and bursts with it.
+pub async fn create_all<K>(api: &Api<K>, n: usize, concurrency: usize, make: impl Fn(usize) -> K) -> Result<f64>
+where
+    K: Resource + Clone + Debug + serde::Serialize + DeserializeOwned,
+{
+    let start = std::time::Instant::now();
+    let results: Vec<Result<K, kube::Error>> = futures::stream::iter((0..n).map(make))
+        .map(|obj| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &obj).await }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(start.elapsed().as_secs_f64())
+}

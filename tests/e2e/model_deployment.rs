@@ -382,17 +382,52 @@ async fn scale_settings_give_the_horizontal_pod_autoscaler() -> Result<()> {
         (resource.name.as_str(), resource.target.average_utilization),
         ("cpu", Some(60))
     );
-    // The Deployment's replicas are the autoscaler's: mlplane does not own them.
-    let d = deployments.get("resnet-blue").await?;
-    let owns_replicas = d
+    // The Deployment's replicas are the autoscaler's. Scaled as the HPA
+    // would (the local cluster has no metrics), then updated by the operator
+    // for a spec change: the count stays, and the operator's apply entry (its
+    // creation entry, upgraded at that first update) does not own replicas.
+    deployments
+        .patch_scale(
+            "resnet-blue",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await?;
+    let annotated = json!({"scale": {"minInstances": 2, "maxInstances": 5, "targetUtilization": 60},
+                           "podMetadata": {"annotations": {"example.com/note": "second"}}});
+    merge(
+        &api,
+        "resnet",
+        json!({"spec": {"deployments": [onnx("blue", annotated)]}}),
+    )
+    .await?;
+    let d = wait_for(&deployments, "resnet-blue", TIMEOUT, "the new pod annotation", |d| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .is_some_and(|a| a.get("example.com/note").map(String::as_str) == Some("second"))
+    })
+    .await?;
+    assert_eq!(
+        d.spec.as_ref().and_then(|s| s.replicas),
+        Some(4),
+        "an update reset the autoscaler's replicas"
+    );
+    let ours: Vec<_> = d
         .managed_fields()
         .iter()
         .filter(|m| m.manager.as_deref() == Some("mlplane"))
-        .any(|m| {
-            m.fields_v1
-                .as_ref()
-                .is_some_and(|f| f.0.to_string().contains("\"f:replicas\""))
-        });
+        .collect();
+    assert!(
+        ours.iter().all(|m| m.operation.as_deref() == Some("Apply")),
+        "the creation entry became the apply entry: {ours:?}"
+    );
+    let owns_replicas = ours.iter().any(|m| {
+        m.fields_v1
+            .as_ref()
+            .is_some_and(|f| f.0.to_string().contains("\"f:replicas\""))
+    });
     assert!(
         !owns_replicas,
         "mlplane must not apply spec.replicas of an autoscaled Deployment"

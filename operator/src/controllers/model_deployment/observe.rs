@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use super::build::{MODEL_DEPLOYMENT_LABEL, spec_hash};
 use super::gateway::HTTPRoute;
 use crate::api::{ComputeCluster, Experiment, Workspace};
+use crate::controllers::apply::{created_by_post, created_by_post_marker};
 use crate::controllers::{Touched, watch_config};
 
 /// How long a write stands in for a cache that has not shown it.
@@ -151,7 +152,12 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher(api, cfg)
         .default_backoff()
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        // managedFields dropped, but for a marker of a child still carrying
+        // the entry of the operator's create (`apply::created_by_post`).
+        .modify(|o: &mut K| {
+            let created = created_by_post(o);
+            o.meta_mut().managed_fields = created.then(|| vec![created_by_post_marker()]);
+        })
         .reflect(writer)
         .touched_objects()
         .boxed();

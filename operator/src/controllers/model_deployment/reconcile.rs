@@ -50,7 +50,7 @@ use super::plan::{Children, Config, Observed, Plan, child_keys, plan};
 use super::services::{SERVICE_WRITERS, ServiceWriter};
 use super::status::ROLLOUT_STALLED;
 use crate::api::model_deployment::{ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus};
-use crate::controllers::apply::{apply_changed, up_to_date};
+use crate::controllers::apply::{adopt_created_fields, apply_changed, create_new, created_by_post, up_to_date};
 use crate::controllers::priority::Foreground;
 use crate::controllers::status_writer::{Key as StatusKey, StatusWriter};
 use crate::controllers::{Context, Error, Result, drive, error_policy, guarded_watch, watch_config};
@@ -295,11 +295,14 @@ pub(super) enum Synced {
     Foreign(String, String),
 }
 
-/// Applies `desired` unless what is live already contains it. What is live
-/// comes from the cache (with this process's writes laid over); when that has
-/// nothing, from a GET: the object may be ours and not cached yet, or
-/// someone else's, which is never taken over. With `foreground`, the GET and
-/// the write count as foreground writes ([`crate::controllers::priority`]).
+/// Writes `desired` unless what is live already contains it. What is live
+/// comes from the cache (with this process's writes laid over). When that
+/// has nothing, the child is created by POST ([`create_new`]); if the name is
+/// taken, a GET tells whether it is ours and not cached yet, or someone
+/// else's, which is never taken over. A live child is updated by server-side
+/// apply, its creation entry first made the apply entry
+/// ([`adopt_created_fields`]). With `foreground`, these count as foreground
+/// writes ([`crate::controllers::priority`]).
 pub(super) async fn sync_child<K>(
     api: &Api<K>,
     cache: &ChildCache<K>,
@@ -324,15 +327,26 @@ where
     let _busy = foreground.map(Foreground::begin);
     let live = match live {
         Some(l) => Some(l),
-        None => api.get_opt(&name).await?,
+        None => match create_new(api, desired).await? {
+            Some(created) => {
+                cache.record(&created);
+                return Ok(Synced::Created);
+            }
+            None => api.get_opt(&name).await?,
+        },
     };
-    if let Some(l) = &live
-        && controller_uid(l) != Some(uid)
-    {
-        return Ok(foreign(l));
+    if let Some(l) = &live {
+        if controller_uid(l) != Some(uid) {
+            return Ok(foreign(l));
+        }
+        if !compared && up_to_date(l, desired)? {
+            return Ok(Synced::Unchanged);
+        }
+        if created_by_post(l) {
+            adopt_created_fields(api, &name, desired).await?;
+        }
     }
-    let against = if compared { None } else { live.as_ref() };
-    match apply_changed(api, against, desired).await? {
+    match apply_changed(api, None, desired).await? {
         Some(written) => {
             cache.record(&written);
             Ok(if live.is_none() {

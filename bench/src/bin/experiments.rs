@@ -10,13 +10,13 @@
 //! Jobs every 100 ms cost the API server about 5% of its CPU during the
 //! burst (pprof), which the baseline does not pay.
 //!
-//! With no operator running it then measures the ceiling: the same client
-//! creates the 1,000 Experiments and 1,000 direct Jobs at once (two streams
-//! of the same concurrency). That is the API server work of the mlplane path
-//! with an operator that costs nothing, sends no status and writes Jobs no
-//! bigger than the baseline's: an estimate of the best ratio any operator can
-//! reach on this machine (an estimate, not a bound: the order and number of
-//! requests in flight differ from the operator's).
+//! With no operator running it then times the same client creating 1,000
+//! Experiments alone and prints direct / (direct + that): the ratio if the
+//! API server's costs of the Experiments and of the Jobs simply added, the
+//! operator costing nothing. (Timing the client writing both at once, two
+//! streams of 16, was tried: it came out below what the operator reaches in
+//! the serving benchmark, 32 requests in flight doing worse than the
+//! operator's pacing, so it bounds nothing and was dropped.)
 //!
 //! The operator runs as the chart's ServiceAccount (release build via
 //! MLPLANE_BIN), without a tracking server, on its own Lease.
@@ -248,37 +248,14 @@ async fn main() -> Result<()> {
     let floor_secs = create_all(&floor, N, CONCURRENCY, |i| experiment(&format!("exp-{i}"))).await?;
     floor_ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
 
-    // The ceiling: Experiments and Jobs created together by the client.
-    let ceiling_ns = TestNamespace::create(&admin, "bench-exp-ceiling").await?;
-    let ceiling_exps: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ceiling_ns.name, &ar);
-    let ceiling_jobs: Api<Job> = ceiling_ns.api();
-    let start = Instant::now();
-    let (e, j) = futures::join!(
-        create_all(&ceiling_exps, N, CONCURRENCY, |i| experiment(&format!("exp-{i}"))),
-        create_all(&ceiling_jobs, N, CONCURRENCY, |i| job(&format!("exp-{i}"))),
-    );
-    e?;
-    j?;
-    let ceiling_secs = start.elapsed().as_secs_f64();
-    ceiling_ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
-
     println!(
         "{:<44} {:>10.2}",
         "no operator: seconds to create 1000 Experiments", floor_secs
     );
     println!(
-        "{:<44} {:>10.2}",
-        "no operator: 1000 Experiments + 1000 Jobs", ceiling_secs
-    );
-    println!(
-        "ceiling (the mlplane path's API work, no operator): direct / that = {:.2}; mlplane reached {:.2} of it",
-        direct_secs / ceiling_secs,
-        ratio / (direct_secs / ceiling_secs)
-    );
-    // The same estimate from the two parts timed alone, if their costs add.
-    println!(
-        "  from the parts alone: direct / (direct + Experiments alone) = {:.2}",
-        direct_secs / (direct_secs + floor_secs)
+        "if the API server's costs added: direct / (direct + Experiments alone) = {:.2}; mlplane reached {:.2} of it",
+        direct_secs / (direct_secs + floor_secs),
+        ratio / (direct_secs / (direct_secs + floor_secs))
     );
     Ok(())
 }

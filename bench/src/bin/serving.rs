@@ -4,21 +4,17 @@
 //! Deployments directly (baseline, same concurrency; the objects come from
 //! the operator's own builder; their namespace is then deleted and waited
 //! for, so that both runs start on a quiet control plane; the same 500 by
-//! server-side apply are timed too, as the operator writes them); then the operator's API writes during 60
-//! idle seconds after convergence, and the API server's own rate for
+//! server-side apply are timed too, as the operator updates them); then the
+//! operator's API writes during 60 idle seconds after convergence, and the
+//! API server's own rate for
 //! ModelDeployments (the same client, no operator running). Goals: at least
 //! 0.8 of the direct rate, 0 writes.
 //!
 //! Serving Deployments are counted by one watch, not by polling lists (which
-//! cost the API server CPU the baseline does not pay). With no operator
-//! running it then measures the ceiling: the same client creates the 500
-//! ModelDeployments and the 500 direct Deployments at once (two streams of
-//! the same concurrency), the API server work of the mlplane path with an
-//! operator that costs nothing and writes no Services, routes or status;
-//! once with the Deployments created, once applied (server-side apply, as
-//! the operator writes them). Estimates of the best ratio an operator can
-//! reach on this machine, not bounds: the order and number of requests in
-//! flight differ from the operator's.
+//! cost the API server CPU the baseline does not pay). It prints direct /
+//! (direct + ModelDeployments alone), and the same with the Deployments
+//! applied: the ratios if the API server's costs simply added, the operator
+//! costing nothing.
 //!
 //! The operator runs as the chart's ServiceAccount (release build via
 //! MLPLANE_BIN), on its own Lease, with the Gateway API CRDs installed (so
@@ -101,8 +97,8 @@ fn bench_node(i: usize) -> Node {
     .expect("node")
 }
 
-/// Like `create_all`, by server-side apply (what the operator sends for a
-/// child that does not exist yet), with the operator's field manager.
+/// Like `create_all`, by server-side apply with the operator's field manager
+/// (how the operator updates a child; it creates new ones by POST).
 async fn apply_all<K, F>(api: &Api<K>, make: F) -> Result<f64>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
@@ -294,54 +290,8 @@ async fn main() -> Result<()> {
         format!("no operator: seconds to create {big_n} ModelDeployments"),
         floor_secs
     );
-
-    // The ceiling: ModelDeployments and Deployments created together.
-    let ceiling_ns = TestNamespace::create(&admin, "bench-serving-ceiling").await?;
-    let (ceiling_mds, ceiling_deployments) = (ceiling_ns.api::<ModelDeployment>(), ceiling_ns.api::<Deployment>());
-    let start = Instant::now();
-    let (m, d) = futures::join!(
-        create_all(&ceiling_mds, n(), CONCURRENCY, |i| model_deployment(&format!("md-{i}"))),
-        create_all(&ceiling_deployments, n(), CONCURRENCY, |i| direct_deployment(&format!(
-            "md-{i}"
-        ))),
-    );
-    m?;
-    d?;
-    let ceiling_secs = start.elapsed().as_secs_f64();
-    ceiling_ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
-    // The same with the Deployments written by server-side apply, as
-    // DESIGN.md has the operator write its children.
-    let ceiling_ns = TestNamespace::create(&admin, "bench-serving-ceiling-apply").await?;
-    let (ceiling_mds, ceiling_deployments) = (ceiling_ns.api::<ModelDeployment>(), ceiling_ns.api::<Deployment>());
-    let start = Instant::now();
-    let (m, d) = futures::join!(
-        create_all(&ceiling_mds, n(), CONCURRENCY, |i| model_deployment(&format!("md-{i}"))),
-        apply_all(&ceiling_deployments, |i| direct_deployment(&format!("md-{i}"))),
-    );
-    m?;
-    d?;
-    let apply_ceiling_secs = start.elapsed().as_secs_f64();
-    // Gone before the nodes go (their pods end normally instead of waiting
-    // for PodGC) and before whatever runs next starts.
-    ceiling_ns.delete_and_wait(&admin, Duration::from_secs(600)).await?;
     println!(
-        "{:<52} {:>10.2}",
-        format!("no operator: {big_n} ModelDeployments + {big_n} Deployments"),
-        ceiling_secs
-    );
-    println!(
-        "{:<52} {:>10.2}",
-        "  the same, Deployments by server-side apply", apply_ceiling_secs
-    );
-    println!(
-        "ceiling (the mlplane path's API work, no operator): direct / that = {:.2} creating, {:.2} applying; mlplane reached {:.2} of the second",
-        direct_secs / ceiling_secs,
-        direct_secs / apply_ceiling_secs,
-        ratio / (direct_secs / apply_ceiling_secs)
-    );
-    // The same estimates from the parts timed alone, if their costs add.
-    println!(
-        "  from the parts alone: direct / (direct + ModelDeployments alone) = {:.2}; direct / (applied + ModelDeployments alone) = {:.2}",
+        "if the API server's costs added: direct / (direct + ModelDeployments alone) = {:.2}; with the Deployments applied, direct / (applied + ModelDeployments alone) = {:.2}",
         direct_secs / (direct_secs + floor_secs),
         direct_secs / (apply_secs + floor_secs)
     );

@@ -234,7 +234,7 @@ mod tests {
             upgraded_managed_fields(std::slice::from_ref(&applied), &json!({})),
             None
         );
-        // Our status writes are Apply entries of the status subresource: not ours to convert.
+        // An entry of a subresource (status) is not the creation entry.
         let mut status = entry(FIELD_MANAGER, "Update", json!({"f:status": {}}));
         status.subresource = Some("status".into());
         assert_eq!(upgraded_managed_fields(std::slice::from_ref(&status), &json!({})), None);

@@ -27,6 +27,11 @@ esac
 
 bin=${MLPLANE_BIN:-$root/target/debug/mlplane}
 timeout=${CONFORMANCE_TIMEOUT:-120}
+# Seconds after which conformance.py skips its remaining steps (so a hung
+# server cannot stall the run). The reference mlflow server, with the other
+# conformance test's servers on the same 2 cores, did 175 of 233 steps in
+# 50 s in one CI run; 240 s leaves room for a loaded machine.
+deadline=${CONFORMANCE_DEADLINE:-240}
 python=$("$root/hack/python-env.sh")
 venv_bin=$(dirname "$python")
 
@@ -130,10 +135,10 @@ wait_up reference "$reference_pid" "$ref_url/health"
 
 prefix=conformance-$$
 status=0
-"$python" "$here/conformance.py" --uri "$ref_url" --out "$work/reference.json" --prefix "$prefix" \
+"$python" "$here/conformance.py" --uri "$ref_url" --out "$work/reference.json" --prefix "$prefix" --deadline "$deadline" \
   >"$work/conformance-reference.log" 2>&1 &
 ref_job=$!
-"$python" "$here/conformance.py" --uri "$other_url" --out "$work/$other.json" --prefix "$prefix" \
+"$python" "$here/conformance.py" --uri "$other_url" --out "$work/$other.json" --prefix "$prefix" --deadline "$deadline" \
   >"$work/conformance-$other.log" 2>&1 &
 other_job=$!
 wait "$ref_job" || status=$?

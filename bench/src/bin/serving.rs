@@ -171,8 +171,11 @@ async fn main() -> Result<()> {
     let (seen, deployment_watch) = watch_names(deployments, "app.kubernetes.io/managed-by=mlplane");
     // The watch's initial (empty) list is done before the clock starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = op.child.id();
+    let (cpu0, _) = proc_stat(pid);
     let start = Instant::now();
     let created_secs = create_all(&mds, n(), CONCURRENCY, |i| model_deployment(&format!("md-{i}"))).await?;
+    let existing_when_created = seen.lock().expect("names").len();
     loop {
         let n = seen.lock().expect("names").len();
         if n >= big_n {
@@ -187,7 +190,10 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let md_secs = start.elapsed().as_secs_f64();
+    let (cpu1, _) = proc_stat(pid);
     deployment_watch.abort();
+    // What competed with the Deployment creates at the API server.
+    let requests_during = op.requests_by_resource(12)?;
 
     // Convergence: the operator's writes stop changing for 10 s.
     let converged = op
@@ -243,6 +249,15 @@ async fn main() -> Result<()> {
     );
     println!("{:<52} {:>10.1}", "mlplane: Deployments/s", md_rate);
     println!(
+        "{:<52} {:>10}",
+        "  Deployments existing when the last ModelDeployment was", existing_when_created
+    );
+    println!(
+        "{:<52} {:>10.2}",
+        "  operator CPU seconds until all Deployments existed",
+        cpu1 - cpu0
+    );
+    println!(
         "{:<52} {:>10.1}{}",
         "seconds until converged (writes stop)",
         converged_secs,
@@ -261,7 +276,8 @@ async fn main() -> Result<()> {
         format!("reconciles in those {idle_secs} idle s"),
         idle_reconciles
     );
-    println!("requests by verb and resource: {}", op.requests_by_resource(12)?);
+    println!("requests until all Deployments existed: {requests_during}");
+    println!("requests until converged: {}", op.requests_by_resource(12)?);
     println!(
         "rate mlplane/direct = {ratio:.2} (goal >= 0.8: {}); idle writes {idle_writes} (goal 0: {})",
         if ratio >= 0.8 { "met" } else { "NOT met" },

@@ -1,7 +1,10 @@
 //! An index of a reflector's objects by namespace and the value of one
-//! label, so that "the Jobs of this Experiment" or "the pods of this run"
-//! costs a few hash lookups instead of a scan of every cached object (with
-//! 1,000 runs, those scans were most of the Experiment controller's CPU).
+//! label (or the uid of their controller), so that "the Jobs of this
+//! Experiment", "the pods of this run" or "the children of this
+//! ModelDeployment" costs a few hash lookups instead of a scan of every
+//! cached object (with 1,000 runs, those scans were most of the Experiment
+//! controller's CPU; with 500 ModelDeployments, a tenth of the operator's
+//! CPU during their creation).
 //!
 //! The store stays the truth: the index only narrows where to look. It is
 //! fed by the reflector's own events, after the store has applied them
@@ -20,23 +23,51 @@ use kube::runtime::watcher::Event;
 
 type Names = HashMap<(String, String), HashSet<String>>;
 
-/// Names of cached objects by (namespace, value of `label`).
+/// What an index is keyed by, besides the namespace.
+enum By {
+    /// The value of this label.
+    Label(&'static str),
+    /// The uid of the object's controller (its ownerReference with
+    /// `controller: true`).
+    Controller,
+}
+
+/// Names of cached objects by (namespace, value of `label`), or by
+/// (namespace, controller uid).
 pub struct LabelIndex {
-    label: &'static str,
+    by: By,
     names: Mutex<Names>,
 }
 
 impl LabelIndex {
     pub fn new(label: &'static str) -> Arc<Self> {
         Arc::new(Self {
-            label,
+            by: By::Label(label),
+            names: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// An index by the uid of each object's controller.
+    pub fn by_controller() -> Arc<Self> {
+        Arc::new(Self {
+            by: By::Controller,
             names: Mutex::new(HashMap::new()),
         })
     }
 
     fn key<K: Resource>(&self, obj: &K) -> Option<((String, String), String)> {
         let meta = obj.meta();
-        let value = meta.labels.as_ref()?.get(self.label)?;
+        let value = match self.by {
+            By::Label(label) => meta.labels.as_ref()?.get(label)?,
+            By::Controller => {
+                &meta
+                    .owner_references
+                    .as_ref()?
+                    .iter()
+                    .find(|o| o.controller == Some(true))?
+                    .uid
+            }
+        };
         Some((
             (meta.namespace.clone().unwrap_or_default(), value.clone()),
             meta.name.clone()?,
@@ -78,7 +109,10 @@ impl LabelIndex {
         }
     }
 
-    /// The cached objects in `ns` whose label is `value`.
+    /// The cached objects in `ns` whose label (or controller uid) is
+    /// `value`, as far as the index knows: an object whose label or
+    /// controller changed may still be listed under its old value, so
+    /// callers check what they get.
     pub fn get<K>(&self, store: &Store<K>, ns: &str, value: &str) -> Vec<Arc<K>>
     where
         K: Resource<DynamicType = ()> + Clone + 'static,

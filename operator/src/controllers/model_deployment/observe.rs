@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
@@ -31,6 +31,7 @@ use super::build::{MODEL_DEPLOYMENT_LABEL, spec_hash};
 use super::gateway::HTTPRoute;
 use crate::api::{ComputeCluster, Experiment, Workspace};
 use crate::controllers::apply::{created_by_post, created_by_post_marker};
+use crate::controllers::label_index::LabelIndex;
 use crate::controllers::{Touched, watch_config};
 
 /// How long a write stands in for a cache that has not shown it.
@@ -40,6 +41,8 @@ pub const OVERLAY_TTL: Duration = Duration::from_secs(60);
 pub struct ChildCache<K: Lookup<DynamicType = ()> + Clone + 'static> {
     /// The watch cache.
     pub store: Store<K>,
+    /// Its objects by controller uid.
+    owners: Arc<LabelIndex>,
     written: Mutex<HashMap<(String, String), (K, Instant)>>,
 }
 
@@ -47,9 +50,10 @@ impl<K> ChildCache<K>
 where
     K: Resource<DynamicType = ()> + Lookup<DynamicType = ()> + Clone + 'static,
 {
-    fn new(store: Store<K>) -> Self {
+    fn new(store: Store<K>, owners: Arc<LabelIndex>) -> Self {
         Self {
             store,
+            owners,
             written: Mutex::default(),
         }
     }
@@ -91,9 +95,10 @@ where
 
     /// Cached children of the ModelDeployment `uid` in `ns`.
     pub fn owned_by(&self, ns: &str, uid: &str) -> Vec<K> {
-        self.store
-            .state_filter(|o| ResourceExt::namespace(o).as_deref() == Some(ns) && controller_uid(o) == Some(uid))
+        self.owners
+            .get(&self.store, ns, uid)
             .into_iter()
+            .filter(|o| controller_uid(&**o) == Some(uid))
             .map(|o| K::clone(&o))
             .collect()
     }
@@ -145,11 +150,13 @@ pub struct Streams {
     pub clusters: Touched<PartialObjectMeta<ComputeCluster>>,
 }
 
-fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, Touched<K>)
+/// A reflector; `index`, if any, follows its events.
+fn reflect<K>(api: Api<K>, cfg: watcher::Config, index: Option<Arc<LabelIndex>>) -> (Store<K>, Touched<K>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
+    let reader = store.clone();
     let stream = watcher(api, cfg)
         .default_backoff()
         // managedFields dropped, but for a marker of a child still carrying
@@ -159,22 +166,37 @@ where
             o.meta_mut().managed_fields = created.then(|| vec![created_by_post_marker()]);
         })
         .reflect(writer)
+        .inspect_ok(move |ev| {
+            if let Some(i) = &index {
+                i.observe(ev, &reader)
+            }
+        })
         .touched_objects()
         .boxed();
     (store, stream)
 }
 
+/// A child kind's cache (labelled `mlplane.io/model-deployment`, indexed by
+/// controller uid) and its stream.
+fn child_cache<K>(api: Api<K>) -> (ChildCache<K>, Touched<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let owners = LabelIndex::by_controller();
+    let (store, stream) = reflect(api, watch_config().labels(MODEL_DEPLOYMENT_LABEL), Some(owners.clone()));
+    (ChildCache::new(store, owners), stream)
+}
+
 /// Starts the reflectors (lazily: nothing is listed until a stream is
 /// polled). `routes`: whether the API server serves HTTPRoutes.
 pub fn caches(client: &Client, routes: bool) -> (Caches, Streams) {
-    let labelled = watch_config().labels(MODEL_DEPLOYMENT_LABEL);
-    let (deployments, dep_s) = reflect(Api::<Deployment>::all(client.clone()), labelled.clone());
-    let (services, svc_s) = reflect(Api::<Service>::all(client.clone()), labelled.clone());
-    let (autoscalers, hpa_s) = reflect(Api::<HorizontalPodAutoscaler>::all(client.clone()), labelled.clone());
-    let (route_store, route_s) = match routes {
+    let (deployments, dep_s) = child_cache(Api::<Deployment>::all(client.clone()));
+    let (services, svc_s) = child_cache(Api::<Service>::all(client.clone()));
+    let (autoscalers, hpa_s) = child_cache(Api::<HorizontalPodAutoscaler>::all(client.clone()));
+    let (routes, route_s) = match routes {
         true => {
-            let (s, st) = reflect(Api::<HTTPRoute>::all(client.clone()), labelled);
-            (Some(s), Some(st))
+            let (c, s) = child_cache(Api::<HTTPRoute>::all(client.clone()));
+            (Some(c), Some(s))
         }
         false => (None, None),
     };
@@ -192,17 +214,18 @@ pub fn caches(client: &Client, routes: bool) -> (Caches, Streams) {
         .reflect(exp_w)
         .touched_objects()
         .boxed();
-    let (workspaces, ws_s) = reflect(Api::<Workspace>::all(client.clone()), watch_config());
+    let (workspaces, ws_s) = reflect(Api::<Workspace>::all(client.clone()), watch_config(), None);
     let (clusters, cc_s) = reflect(
         Api::<PartialObjectMeta<ComputeCluster>>::all(client.clone()),
         watch_config(),
+        None,
     );
     (
         Caches {
-            deployments: ChildCache::new(deployments),
-            services: Arc::new(ChildCache::new(services)),
-            autoscalers: ChildCache::new(autoscalers),
-            routes: route_store.map(ChildCache::new),
+            deployments,
+            services: Arc::new(services),
+            autoscalers,
+            routes,
             experiments,
             workspaces,
             clusters,
@@ -282,20 +305,34 @@ mod tests {
     #[test]
     fn a_write_stands_in_until_the_cache_shows_its_hash() {
         let (store, mut writer) = reflector::store::<Service>();
-        let cache = ChildCache::new(store);
+        let owners = LabelIndex::by_controller();
+        let cache = ChildCache::new(store, owners.clone());
+        let mut apply = |ev: Event<Service>| {
+            writer.apply_watcher_event(&ev);
+            owners.observe(&ev, &cache.store);
+        };
         cache.record(&svc("md", "new"));
         assert_eq!(spec_hash(&cache.get("ns", "md").unwrap()), Some("new"));
         // The cache shows the old version: the write still wins.
-        writer.apply_watcher_event(&Event::Apply(svc("md", "old")));
+        apply(Event::Apply(svc("md", "old")));
         assert_eq!(spec_hash(&cache.get("ns", "md").unwrap()), Some("new"));
         // The cache caught up: the entry goes, the cache is read.
-        writer.apply_watcher_event(&Event::Apply(svc("md", "new")));
+        apply(Event::Apply(svc("md", "new")));
         assert_eq!(spec_hash(&cache.get("ns", "md").unwrap()), Some("new"));
         assert!(cache.written.lock().unwrap().is_empty());
         assert!(cache.get("ns", "other").is_none());
         assert_eq!(cache.owned_by("ns", "u1").len(), 1);
         assert!(cache.owned_by("ns", "u2").is_empty());
         assert!(cache.owned_by("other", "u1").is_empty());
+        // Controlled by another ModelDeployment now: it is that one's child
+        // only, though the index may still list it under the first.
+        let mut taken = svc("md", "new");
+        taken.metadata.owner_references.as_mut().unwrap()[0].uid = "u2".into();
+        apply(Event::Apply(taken));
+        assert!(cache.owned_by("ns", "u1").is_empty());
+        assert_eq!(cache.owned_by("ns", "u2").len(), 1);
+        apply(Event::Delete(svc("md", "new")));
+        assert!(cache.owned_by("ns", "u2").is_empty());
     }
 
     #[test]

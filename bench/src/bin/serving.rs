@@ -41,10 +41,12 @@ use serde_json::json;
 
 /// ModelDeployments (and direct Deployments); `MLPLANE_BENCH_N` overrides.
 fn n() -> usize {
-    std::env::var("MLPLANE_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(500)
+    env_or("MLPLANE_BENCH_N", 500)
+}
+
+/// The environment variable `name` parsed, or `default` when unset or bad.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 const CONCURRENCY: usize = 16;
 const BENCH_NODES: usize = 8;
@@ -126,11 +128,10 @@ where
 /// Rounds of the timed pair (direct, then through the operator); the
 /// goal is judged on the median ratio. `MLPLANE_BENCH_ROUNDS` overrides.
 fn rounds() -> usize {
-    std::env::var("MLPLANE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(3)
+    match env_or("MLPLANE_BENCH_ROUNDS", 3) {
+        0 => 3,
+        r => r,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -223,10 +224,7 @@ async fn main() -> Result<()> {
         .context("the local cluster must be up (make cluster)")?;
     install_chart()?;
     install_gateway_api_crds()?;
-    let idle_secs: u64 = std::env::var("MLPLANE_BENCH_IDLE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let idle_secs: u64 = env_or("MLPLANE_BENCH_IDLE_SECONDS", 60);
     let big_n = n();
     let rounds = rounds();
     println!(

@@ -198,6 +198,12 @@ impl TestNamespace {
     }
 }
 
+/// The environment variable `name` parsed, or `default` when unset or not
+/// a `T` (benchmarks' size and duration overrides).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 /// A short random lowercase suffix for unique names.
 pub fn random_suffix() -> String {
     use std::collections::hash_map::RandomState;

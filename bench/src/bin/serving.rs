@@ -44,10 +44,6 @@ fn n() -> usize {
     env_or("MLPLANE_BENCH_N", 500)
 }
 
-/// The environment variable `name` parsed, or `default` when unset or bad.
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
 const CONCURRENCY: usize = 16;
 const BENCH_NODES: usize = 8;
 const NODE_LABEL: &str = "mlplane.io/bench";

@@ -165,12 +165,7 @@ fn start_reference(dir: &std::path::Path) -> Result<Reference> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let budget = Duration::from_secs(
-        std::env::var("MLPLANE_BENCH_PHASE_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(120),
-    );
+    let budget = Duration::from_secs(mlplane_test_support::env_or("MLPLANE_BENCH_PHASE_SECONDS", 120));
     let dir = std::env::temp_dir().join(format!("mlplane-bench-{}", mlplane_test_support::random_suffix()));
     std::fs::create_dir_all(&dir)?;
     println!(

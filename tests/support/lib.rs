@@ -1430,9 +1430,10 @@ impl Operator {
 /// The names of the `K` that one watch of `api` (objects with `labels`) has
 /// seen, kept up to date by a background task until the handle is aborted.
 /// Benchmarks count objects this way instead of polling lists: a list of
-/// 1,000 Jobs every 100 ms cost the API server about 5% of its CPU, and a
-/// watch's JSON encoding of each object is the one the API server already
-/// made for the operator's own watch.
+/// 1,000 Jobs every 100 ms cost the API server about 5% of its CPU. With
+/// an `Api<PartialObjectMeta<K>>` the watch is metadata-only (the serving
+/// benchmark's: decoding whole Deployments took its process 0.02-0.12 of a
+/// core while the operator ran, CPU its direct half did not compete with).
 pub fn watch_names<K>(
     api: Api<K>,
     labels: &str,

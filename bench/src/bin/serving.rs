@@ -129,8 +129,9 @@ where
 /// Rounds of the timed pair (direct, then through the operator); the
 /// goal is judged on the median ratio. `MLPLANE_BENCH_ROUNDS` overrides.
 fn rounds() -> usize {
-    match env_or("MLPLANE_BENCH_ROUNDS", 5) {
-        0 => 5,
+    const ROUNDS: usize = 5;
+    match env_or("MLPLANE_BENCH_ROUNDS", ROUNDS) {
+        0 => ROUNDS,
         r => r,
     }
 }

@@ -82,6 +82,16 @@ pub async fn admin_client() -> Result<Client> {
     Ok(Client::try_from(admin_config().await?)?)
 }
 
+/// A benchmark's start: the admin client of the local cluster, with the
+/// chart installed (its CRDs, ServiceAccount and RBAC).
+pub async fn bench_cluster() -> Result<Client> {
+    let admin = admin_client()
+        .await
+        .context("the local cluster must be up (make cluster)")?;
+    install_chart()?;
+    Ok(admin)
+}
+
 /// A client that authenticates as `system:serviceaccount:<namespace>:<name>`
 /// with a fresh TokenRequest token and nothing else (no client certificate).
 pub async fn service_account_client(admin: &Client, namespace: &str, name: &str) -> Result<Client> {

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
@@ -537,10 +537,7 @@ async fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--planner-only") {
         return Ok(());
     }
-    let admin = admin_client()
-        .await
-        .context("the local cluster must be up (make cluster)")?;
-    install_chart()?;
+    let admin = bench_cluster().await?;
     let lease = format!("bench-cc-{}", random_suffix());
     let op = Operator::start(&admin, &["--lease-name", &lease]).await?;
     // The baseline: the operator settled with only the default nodes.

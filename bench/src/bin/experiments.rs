@@ -23,7 +23,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::core::{DynamicObject, GroupVersionKind};
@@ -64,10 +64,7 @@ fn job(name: &str) -> Job {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let admin = admin_client()
-        .await
-        .context("the local cluster must be up (make cluster)")?;
-    install_chart()?;
+    let admin = bench_cluster().await?;
     println!("experiment benchmark: {N} Experiments vs {N} Jobs created directly, {CONCURRENCY} requests in flight");
 
     // Baseline: the same client creates the Jobs itself.

@@ -30,7 +30,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Node;
@@ -224,10 +224,7 @@ async fn mlplane_round(admin: &kube::Client) -> Result<MlplaneRound> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let admin = admin_client()
-        .await
-        .context("the local cluster must be up (make cluster)")?;
-    install_chart()?;
+    let admin = bench_cluster().await?;
     install_gateway_api_crds()?;
     let idle_secs: u64 = env_or("MLPLANE_BENCH_IDLE_SECONDS", 60);
     let big_n = n();
